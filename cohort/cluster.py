@@ -1,0 +1,60 @@
+"""Joining or starting Ray, and reserving a cohort's resources with a bounded wait."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot fit what a run asks for; says what was asked and what exists."""
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS (set inside `ray job submit`), else start a
+    local instance whose dashboard listens on 127.0.0.1 only. Token authentication stays as
+    Ray sets it (on for local clusters in Ray >= 2.59)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+
+
+def cluster_totals() -> dict[str, float]:
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()))
+
+
+def bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """A placement-group bundle; Ray rejects zero-valued entries."""
+    out = {"CPU": cpus}
+    if gpus > 0:
+        out["GPU"] = gpus
+    return out
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, timeout: float, what: str):
+    """A ready placement group, or ResourceError within `timeout` seconds (never waits forever)."""
+    asked = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    totals = cluster_totals()
+    short = [k for k in asked if asked[k] > totals[k] + 1e-9]
+    if short:
+        raise ResourceError(f"{what} asks for {describe(asked)} in {len(bundles)} bundles "
+                            f"({describe(bundles[0])} each), but the cluster has {describe(totals)}")
+    group = placement_group(bundles, strategy=strategy.upper())
+    if not group.wait(timeout_seconds=timeout):
+        remove_placement_group(group)
+        free = ray.available_resources()
+        raise ResourceError(f"{what} could not reserve {describe(asked)} ({len(bundles)} bundles, "
+                            f"{strategy}) within {timeout:g}s; available now: "
+                            f"{describe({k: free.get(k, 0.0) for k in ('CPU', 'GPU')})}")
+    return group

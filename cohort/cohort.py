@@ -1,0 +1,264 @@
+"""DML and KDCL cohorts on Ray: one actor per student, logits exchanged every step.
+
+The driver starts the actors in a placement group, runs epochs, writes the run directory and
+recovers from a dead actor by restoring the whole cohort from the last checkpoint. It is not
+on the per-step path: the actors exchange logits among themselves (cohort.exchange).
+"""
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .cluster import bundle, cluster_totals, connect, reserve
+from .config import CohortConfig
+from .data import Dataset, epoch_batches
+from .engine import (epoch_rows, general_weights, prepare_run, restore_point, run_summary,
+                     should_checkpoint)
+from .exchange import CollectiveExchange, Mailbox, StoreExchange
+from .methods import get_method, needs_general_weights
+from .progress import epoch_line, say
+from .runs import latest_checkpoint
+from .student import DataSpec, Student, resolve_device
+
+ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+PROGRESS_SECONDS = 10.0
+
+
+class MemberFailed(RuntimeError):
+    def __init__(self, member: str, cause: Exception):
+        super().__init__(f"{member} failed: {type(cause).__name__}")
+        self.member = member
+
+
+# ---- data travels once, through the object store -------------------------------------------
+def dataset_arrays(dataset: Dataset) -> dict:
+    """Numpy views of the dataset: actors on a node read them zero-copy from the object store."""
+    fields = ("train_images", "train_labels", "test_images", "test_labels", "val_images", "val_labels")
+    arrays = {f: getattr(dataset, f).numpy() for f in fields if getattr(dataset, f) is not None}
+    meta = {k: getattr(dataset, k) for k in ("name", "num_classes", "mean", "std", "crop_padding")}
+    return {"arrays": arrays, "meta": meta}
+
+
+def dataset_from_arrays(payload: dict) -> Dataset:
+    with warnings.catch_warnings():  # read-only views: we only ever index (copy) them
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = {k: torch.from_numpy(v) for k, v in payload["arrays"].items()}
+    return Dataset(**payload["meta"], **tensors)
+
+
+# ---- the actor --------------------------------------------------------------------------
+class StudentWorker:
+    """One student in its own process (and on its own GPU when it has one)."""
+
+    def __init__(self, index: int, arch: str, cfg: dict, data: dict, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.cfg = CohortConfig(**cfg)
+        self.dataset = dataset_from_arrays(data)
+        self.device = resolve_device("cuda" if torch.cuda.is_available() and self.cfg.device != "cpu"
+                                     else "cpu")
+        self.student = Student(index, arch, self.cfg, DataSpec.of(self.dataset, self.cfg.crop_padding),
+                               self.device)
+        self.method = get_method(self.cfg.method)
+        self.mailbox = Mailbox()
+        self.exchange = None
+        self.train_images = self.dataset.train_images.to(self.device)
+        self.train_labels = self.dataset.train_labels.to(self.device)
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port, for the collective transport's master."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def connect(self, peers: list, transport: str, master: tuple | None) -> None:
+        rank = self.student.index
+        if transport == "collective":
+            self.exchange = CollectiveExchange(rank, len(peers), master, self.device)
+        else:
+            self.exchange = StoreExchange(rank, peers, self.mailbox, self.device)
+
+    def deliver(self, key: tuple, sender: int, boxed: list) -> None:
+        self.mailbox.put(tuple(key), sender, boxed[0])
+
+    def load(self, state: dict) -> None:
+        self.student.load_state_dict(state)
+
+    def state(self) -> dict:
+        return self.student.state_dict()
+
+    def predict(self, split: str) -> torch.Tensor:
+        images = getattr(self.dataset, f"{split}_images")
+        return self.student.predict(images, self.cfg.eval_batch_size)
+
+    def run_epoch(self, epoch: int, weights) -> dict:
+        cfg, student = self.cfg, self.student
+        lr = student.begin_epoch(epoch)
+        batches = epoch_batches(self.dataset.num_train, cfg.batch_size, cfg.seed, epoch)
+        waited, last_print = 0.0, time.monotonic()
+        for step, idx in enumerate(batches):
+            idx = idx.to(self.device)
+            images, labels = self.train_images[idx], self.train_labels[idx]
+            logits = student.forward(images, step)
+            key = (epoch, step)
+            if self.method.uses_peers:
+                self.exchange.publish(key, logits)
+            with torch.no_grad():  # needs no peer: overlaps the exchange
+                ce = F.cross_entropy(logits, labels)
+            all_logits = None
+            if self.method.uses_peers:
+                started = time.perf_counter()
+                all_logits = self.exchange.gather(key)
+                waited += time.perf_counter() - started
+            targets = self.method.targets(all_logits, labels, cfg, weights)
+            loss = self.method.loss(student.index, logits, targets, labels, cfg)
+            with torch.no_grad():
+                kd = self.method.kd_term(student.index, logits.detach(), targets, cfg)
+            student.learn(loss, logits, labels, ce, kd, step)
+            if cfg.progress and time.monotonic() - last_print > PROGRESS_SECONDS:
+                last_print = time.monotonic()
+                print(f"[{cfg.name}] {student.name} epoch {epoch + 1} step {step + 1}/{len(batches)} "
+                      f"loss {loss.item():.3f}", flush=True)
+        stats = student.end_epoch()
+        stats["exchange_seconds"] = waited
+        return {"lr": lr, "stats": stats,
+                "test_logits": student.predict(self.dataset.test_images, cfg.eval_batch_size)}
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.close()
+
+
+# ---- the driver -------------------------------------------------------------------------
+def student_resources(cfg: CohortConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) per student: one GPU each on a GPU cluster, else the CPUs shared out."""
+    totals = cluster_totals()
+    gpus = cfg.gpus_per_student if cfg.gpus_per_student >= 0 else (1.0 if totals["GPU"] > 0 else 0.0)
+    if cfg.cpus_per_student > 0:
+        cpus = cfg.cpus_per_student
+    elif gpus > 0:
+        cpus = 1.0
+    else:
+        cpus = max(0.01, np.floor(100 * totals["CPU"] / cfg.students) / 100)
+    return float(cpus), float(gpus)
+
+
+class ActorCohort:
+    """The K actors of one attempt (a restart makes a new one)."""
+
+    def __init__(self, cfg: CohortConfig, data_ref, group, cpus: float, gpus: float, attempt: int):
+        self.cfg = cfg
+        self.names = cfg.member_names
+        suffix = f"-r{attempt}" if attempt else ""
+        worker = ray.remote(StudentWorker)
+        self.actors = [
+            worker.options(
+                name=f"{cfg.method}-{cfg.name}-student-{k}{suffix}", num_cpus=cpus, num_gpus=gpus,
+                max_concurrency=4,  # deliver() runs while run_epoch() trains
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+            ).remote(k, arch, cfg.to_dict(), data_ref, int(max(1, cpus)))
+            for k, arch in enumerate(cfg.archs)]
+        master = None
+        if cfg.exchange == "collective":
+            master = self.gather([self.actors[0].rendezvous.remote()])[0]
+        self.gather([a.connect.remote(self.actors, cfg.exchange, master) for a in self.actors])
+
+    def gather(self, futures: list) -> list:
+        """Results in member order; a dead actor raises MemberFailed within about a second."""
+        pending = {ref: k for k, ref in enumerate(futures)}
+        results = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                k = pending.pop(ref)
+                try:
+                    results[k] = ray.get(ref)
+                except ACTOR_ERRORS as exc:
+                    raise MemberFailed(self.names[k], exc) from exc
+        return [results[k] for k in range(len(futures))]
+
+    def call(self, method: str, *args) -> list:
+        return self.gather([getattr(a, method).remote(*args) for a in self.actors])
+
+    def load(self, states: dict) -> None:
+        self.gather([a.load.remote(states[n]) for a, n in zip(self.actors, self.names)])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int = 3) -> dict:
+    """Train the cohort as Ray actors; returns the summary."""
+    run, dataset = prepare_run(cfg, dataset)   # all validation happens before Ray starts
+    connect()
+    cpus, gpus = student_resources(cfg)
+    group = reserve([bundle(cpus, gpus)] * cfg.students, cfg.placement, cfg.startup_timeout,
+                    f"a {cfg.students}-student cohort")
+    run.start()
+    data_ref = ray.put(dataset_arrays(dataset))
+    try:
+        return _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts)
+    finally:
+        ray.util.remove_placement_group(group)
+
+
+def _restore(cfg, run, cohort: ActorCohort) -> int:
+    if latest_checkpoint(run.path) is None:
+        return 0
+    epoch, states = restore_point(run)
+    cohort.load(states)
+    run.truncate_metrics(epoch)
+    return epoch
+
+
+def _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts) -> dict:
+    attempt = 0
+    cohort = ActorCohort(cfg, data_ref, group, cpus, gpus, attempt)
+    epoch = _restore(cfg, run, cohort) if cfg.resume else 0
+    try:
+        while epoch < cfg.epochs:
+            try:
+                _run_epoch(cfg, run, dataset, cohort, epoch)
+                epoch += 1
+            except MemberFailed as failure:
+                attempt += 1
+                if attempt > max_restarts:
+                    raise
+                say(f"[{cfg.name}] {failure.member}'s actor died in epoch {epoch + 1}; "
+                    f"restarting the cohort from its last checkpoint (restart {attempt}/{max_restarts})")
+                cohort.shutdown()
+                cohort = ActorCohort(cfg, data_ref, group, cpus, gpus, attempt)
+                epoch = _restore(cfg, run, cohort)
+                run.extra_summary["restarts"] = attempt
+    finally:
+        cohort.shutdown()
+    return run_summary(run)
+
+
+def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> None:
+    started = time.perf_counter()
+    weights = None
+    if needs_general_weights(cfg):
+        weights = general_weights(cohort.call("predict", "val"), dataset.val_labels)
+    results = cohort.call("run_epoch", epoch, weights)
+    rows = epoch_rows(cfg, epoch, results[0]["lr"], cohort.names, [r["stats"] for r in results],
+                      [r["test_logits"] for r in results], dataset.test_labels,
+                      time.perf_counter() - started)
+    run.append_metrics(rows)
+    if should_checkpoint(cfg, epoch):
+        run.save_checkpoint(epoch, dict(zip(cohort.names, cohort.call("state"))),
+                            keep=cfg.keep_checkpoints)
+    if cfg.progress:
+        say(epoch_line(cfg.name, epoch, cfg.epochs, rows))

@@ -1,0 +1,23 @@
+"""Errors the jobs turn into one line and an exit code."""
+
+
+class UsageError(ValueError):
+    """A bad setting: the CLI prints `error: <flag>: <message>` and exits with code 2."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, foreign or from another run)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or infinite loss; names the member, epoch and step."""
+
+    def __init__(self, member: str, epoch: int, step: int, value: float):
+        super().__init__(
+            f"non-finite loss {value} for member {member!r} at epoch {epoch}, step {step}; "
+            "the run directory keeps the last good checkpoint")
+        self.member, self.epoch, self.step = member, epoch, step

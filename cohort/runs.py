@@ -1,0 +1,208 @@
+"""The run directory every job writes.
+
+    RUN/config.json        every resolved setting
+    RUN/metrics.parquet    one row per (epoch, member)
+    RUN/summary.json       final and best test accuracy per member
+    RUN/checkpoints/epoch-NNNN/   one consistent snapshot: meta.json + <member>.pt
+
+Checkpoints are written to a temporary directory and renamed into place, so a reader
+never sees half of one. Nothing here imports Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .errors import CheckpointError, UsageError
+
+# Settings that change where or how fast a run goes, not its numbers: a resumed run may differ in these.
+RUNTIME_KEYS = frozenset({
+    "resume", "overwrite", "output", "checkpoint_every", "cpus_per_student", "gpus_per_student",
+    "placement", "exchange", "device", "workers", "gpus_per_worker", "cpus_per_worker",
+    "max_failures", "progress",
+    "address", "keep_checkpoints", "startup_timeout", "name", "max_restarts",
+})
+RUN_FILES = ("config.json", "metrics.parquet", "summary.json", "checkpoints", "tensorboard",
+             "report.md", "curves.png", "best_student.pt")
+METRIC_COLUMNS = ("method", "member", "epoch", "train_loss", "train_ce", "train_kd", "train_acc",
+                  "test_acc", "test_loss", "lr", "epoch_seconds", "images_per_second")
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Settings (outside RUNTIME_KEYS) whose values differ, as 'key (old -> new)'."""
+    keys = sorted((set(old) | set(new)) - RUNTIME_KEYS)
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    _atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """torch.load with weights_only=True; unreadable files become a one-line CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of a foreign object, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: not a readable cohort checkpoint "
+                              f"({reason[:200]})") from None
+
+
+class RunDir:
+    """A run directory. `plan()` validates without writing; `start()` writes config.json."""
+
+    def __init__(self, path: str | os.PathLike, config: dict, resume: bool = False):
+        self.path = Path(path)
+        self.config = config
+        self.resume = resume
+        self.rows: list[dict] = []
+        self.extra_summary: dict = {}  # e.g. restarts, merged into summary.json
+
+    # ---- set-up -------------------------------------------------------------------------
+    @classmethod
+    def plan(cls, path, config: dict, *, resume: bool = False, overwrite: bool = False,
+             flag: str = "--output") -> "RunDir":
+        """Check that a run may use `path`; raises UsageError, writes nothing."""
+        path = Path(path)
+        if resume:
+            cls._check_resumable(path, config)
+        elif path.exists() and not path.is_dir():
+            raise UsageError(flag, f"{path} exists and is not a directory")
+        elif path.exists() and any(path.iterdir()) and not overwrite:
+            what = "holds another run" if (path / "config.json").exists() else "is not empty"
+            raise UsageError(flag, f"{path} {what}; pass --overwrite to replace it "
+                                   "or --resume to continue it")
+        run = cls(path, config, resume=resume)
+        run.overwrite = overwrite and not resume
+        return run
+
+    @staticmethod
+    def _check_resumable(path: Path, config: dict) -> None:
+        if not (path / "config.json").exists() or latest_checkpoint(path) is None:
+            raise UsageError("--resume", f"no checkpoint under {path}")
+        old = json.loads((path / "config.json").read_text())
+        diffs = config_differences(old, config)
+        if diffs:
+            raise UsageError("--resume", "configuration differs from the checkpointed run: "
+                                         + ", ".join(diffs))
+
+    def start(self) -> "RunDir":
+        if getattr(self, "overwrite", False):
+            for name in RUN_FILES:  # only this project's artefacts, never the user's other files
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+        if self.resume and (self.path / "metrics.parquet").exists():
+            self.rows = pq.read_table(self.path / "metrics.parquet").to_pylist()
+        write_json(self.path / "config.json", self.config)
+        return self
+
+    # ---- metrics ------------------------------------------------------------------------
+    def truncate_metrics(self, start_epoch: int) -> None:
+        """Forget rows of epochs a resumed run will train again."""
+        self.rows = [r for r in self.rows if r["epoch"] < start_epoch]
+
+    def append_metrics(self, rows: Iterable[dict]) -> None:
+        self.rows.extend(rows)
+        table = pa.Table.from_pylist([_clean_row(r) for r in self.rows])
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.")
+        os.close(fd)
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path / "metrics.parquet")
+        write_json(self.path / "summary.json", {**summarize(self.rows, self.config), **self.extra_summary})
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, members: dict[str, dict], meta: dict | None = None,
+                        keep: int = 2) -> Path:
+        """Write one consistent snapshot after `epoch` (0-based epochs completed = epoch + 1)."""
+        root = self.path / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"epoch-{epoch + 1:04d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        try:
+            for name, state in members.items():
+                torch.save(state, tmp / f"{name}.pt")
+            write_json(tmp / "meta.json", {"epochs_completed": epoch + 1,
+                                           "members": sorted(members), **(meta or {})})
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in _checkpoint_dirs(self.path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def _checkpoint_dirs(run_path: Path) -> list[Path]:
+    root = Path(run_path) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("epoch-") and (p / "meta.json").exists()]
+    return sorted(done)
+
+
+def latest_checkpoint(run_path) -> Path | None:
+    dirs = _checkpoint_dirs(Path(run_path))
+    return dirs[-1] if dirs else None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict]]:
+    """(meta, {member: state}) of a checkpoint directory."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        names = meta["members"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} has no readable meta.json ({exc})") from None
+    return meta, {name: load_checkpoint_file(path / f"{name}.pt") for name in names}
+
+
+def _clean_row(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def summarize(rows: list[dict], config: dict) -> dict:
+    """Final and best test accuracy per member."""
+    members: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["epoch"]):
+        acc = row.get("test_acc")
+        if acc is None or (isinstance(acc, float) and math.isnan(acc)):
+            continue
+        entry = members.setdefault(row["member"], {"best_test_acc": -1.0, "best_epoch": -1})
+        entry["final_test_acc"] = acc
+        entry["final_epoch"] = row["epoch"]
+        if acc > entry["best_test_acc"]:
+            entry["best_test_acc"], entry["best_epoch"] = acc, row["epoch"]
+    epochs = 1 + max((r["epoch"] for r in rows), default=-1)
+    return {"method": config.get("method"), "epochs_completed": epochs, "members": members}
