@@ -157,7 +157,10 @@ def run_guarded(job: Callable[[], object]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
+        return exc.code
     _, run = COMMANDS[args.command]
     return run_guarded(lambda: run(args))
 

@@ -12,17 +12,16 @@ class ResourceError(RuntimeError):
     """The cluster cannot fit what a run asks for; says what was asked and what exists."""
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None):
     """Join the cluster at `address` / RAY_ADDRESS (set inside `ray job submit`), else start a
     local instance whose dashboard listens on 127.0.0.1 only. Token authentication stays as
     Ray sets it (on for local clusters in Ray >= 2.59)."""
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        return ray.init(address=address, logging_level=logging.WARNING)
+    return ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
 def cluster_totals() -> dict[str, float]:

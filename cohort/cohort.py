@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 import ray
@@ -19,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .cluster import bundle, cluster_totals, connect, reserve
 from .config import CohortConfig
 from .data import Dataset, epoch_batches
+from .errors import TrainingDiverged
 from .engine import (epoch_rows, general_weights, prepare_run, restore_point, run_summary,
                      should_checkpoint)
 from .exchange import CollectiveExchange, Mailbox, StoreExchange
@@ -157,7 +159,8 @@ def student_resources(cfg: CohortConfig) -> tuple[float, float]:
 class ActorCohort:
     """The K actors of one attempt (a restart makes a new one)."""
 
-    def __init__(self, cfg: CohortConfig, data_ref, group, cpus: float, gpus: float, attempt: int):
+    def __init__(self, cfg: CohortConfig, data_ref, group, first_bundle: int, cpus: float,
+                 gpus: float, attempt: int):
         self.cfg = cfg
         self.names = cfg.member_names
         suffix = f"-r{attempt}" if attempt else ""
@@ -166,7 +169,8 @@ class ActorCohort:
             worker.options(
                 name=f"{cfg.method}-{cfg.name}-student-{k}{suffix}", num_cpus=cpus, num_gpus=gpus,
                 max_concurrency=4,  # deliver() runs while run_epoch() trains
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=first_bundle + k),
             ).remote(k, arch, cfg.to_dict(), data_ref, int(max(1, cpus)))
             for k, arch in enumerate(cfg.archs)]
         master = None
@@ -186,6 +190,10 @@ class ActorCohort:
                     results[k] = ray.get(ref)
                 except ACTOR_ERRORS as exc:
                     raise MemberFailed(self.names[k], exc) from exc
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, TrainingDiverged):
+                        raise exc.cause from None  # one line naming member, epoch and step
+                    raise
         return [results[k] for k in range(len(futures))]
 
     def call(self, method: str, *args) -> list:
@@ -199,19 +207,38 @@ class ActorCohort:
             ray.kill(actor, no_restart=True)
 
 
-def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int = 3) -> dict:
-    """Train the cohort as Ray actors; returns the summary."""
+def enclosing_group(students: int):
+    """The placement group this code already runs in (a Tune trial reserves bundle 0 for
+    itself and one bundle per student), or None."""
+    group = ray.util.get_current_placement_group()
+    if group is not None and len(group.bundle_specs) >= students + 1:
+        return group
+    return None
+
+
+def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int = 3,
+            on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
+    """Train the cohort as Ray actors; returns the summary. `on_epoch(rows)` is called after
+    every epoch's metrics are written (Ray Tune reports through it)."""
     run, dataset = prepare_run(cfg, dataset)   # all validation happens before Ray starts
     connect()
-    cpus, gpus = student_resources(cfg)
-    group = reserve([bundle(cpus, gpus)] * cfg.students, cfg.placement, cfg.startup_timeout,
-                    f"a {cfg.students}-student cohort")
+    group = enclosing_group(cfg.students)
+    if group is not None:
+        spec = group.bundle_specs[1]
+        cpus, gpus, first_bundle, owned = spec.get("CPU", 0.0), spec.get("GPU", 0.0), 1, False
+    else:
+        cpus, gpus = student_resources(cfg)
+        group = reserve([bundle(cpus, gpus)] * cfg.students, cfg.placement, cfg.startup_timeout,
+                        f"a {cfg.students}-student cohort")
+        first_bundle, owned = 0, True
     run.start()
     data_ref = ray.put(dataset_arrays(dataset))
+    placement = (group, first_bundle, cpus, gpus)
     try:
-        return _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts)
+        return _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch)
     finally:
-        ray.util.remove_placement_group(group)
+        if owned:
+            ray.util.remove_placement_group(group)
 
 
 def _restore(cfg, run, cohort: ActorCohort) -> int:
@@ -223,15 +250,17 @@ def _restore(cfg, run, cohort: ActorCohort) -> int:
     return epoch
 
 
-def _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts) -> dict:
+def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> dict:
     attempt = 0
-    cohort = ActorCohort(cfg, data_ref, group, cpus, gpus, attempt)
+    cohort = ActorCohort(cfg, data_ref, *placement, attempt)
     epoch = _restore(cfg, run, cohort) if cfg.resume else 0
     try:
         while epoch < cfg.epochs:
             try:
-                _run_epoch(cfg, run, dataset, cohort, epoch)
+                rows = _run_epoch(cfg, run, dataset, cohort, epoch)
                 epoch += 1
+                if on_epoch is not None:
+                    on_epoch(rows)
             except MemberFailed as failure:
                 attempt += 1
                 if attempt > max_restarts:
@@ -239,7 +268,7 @@ def _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts) -> dict
                 say(f"[{cfg.name}] {failure.member}'s actor died in epoch {epoch + 1}; "
                     f"restarting the cohort from its last checkpoint (restart {attempt}/{max_restarts})")
                 cohort.shutdown()
-                cohort = ActorCohort(cfg, data_ref, group, cpus, gpus, attempt)
+                cohort = ActorCohort(cfg, data_ref, *placement, attempt)
                 epoch = _restore(cfg, run, cohort)
                 run.extra_summary["restarts"] = attempt
     finally:
@@ -247,7 +276,7 @@ def _train(cfg, run, dataset, data_ref, group, cpus, gpus, max_restarts) -> dict
     return run_summary(run)
 
 
-def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> None:
+def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> list[dict]:
     started = time.perf_counter()
     weights = None
     if needs_general_weights(cfg):
@@ -262,3 +291,4 @@ def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> None:
                             keep=cfg.keep_checkpoints)
     if cfg.progress:
         say(epoch_line(cfg.name, epoch, cfg.epochs, rows))
+    return rows

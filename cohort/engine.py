@@ -78,8 +78,9 @@ def train_step(students: Sequence[Student], method, cfg, images, labels, weights
         student.learn(loss, z, labels, ce, kd, step)
 
 
-def run_local(cfg: CohortConfig, dataset: Dataset | None = None) -> dict:
-    """Train the cohort in this process; returns the summary."""
+def run_local(cfg: CohortConfig, dataset: Dataset | None = None, on_epoch=None) -> dict:
+    """Train the cohort in this process; returns the summary. `on_epoch(rows)` is called
+    after every epoch's metrics are written."""
     run, dataset = prepare_run(cfg, dataset)
     run.start()
     device = resolve_device(cfg.device)
@@ -117,6 +118,8 @@ def run_local(cfg: CohortConfig, dataset: Dataset | None = None) -> dict:
                                 keep=cfg.keep_checkpoints)
         if cfg.progress:
             say(epoch_line(cfg.name, epoch, cfg.epochs, rows))
+        if on_epoch is not None:
+            on_epoch(rows)
     return run_summary(run)
 
 
