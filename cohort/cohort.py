@@ -25,9 +25,11 @@ from .engine import (epoch_rows, general_weights, prepare_run, restore_point, ru
                      should_checkpoint)
 from .exchange import CollectiveExchange, Mailbox, StoreExchange
 from .methods import get_method, needs_general_weights
+from .metrics import accuracy_and_loss
 from .progress import epoch_line, say
 from .runs import latest_checkpoint
 from .student import DataSpec, Student, resolve_device
+from .telemetry import Telemetry
 
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 PROGRESS_SECONDS = 10.0
@@ -70,6 +72,7 @@ class StudentWorker:
         self.method = get_method(self.cfg.method)
         self.mailbox = Mailbox()
         self.exchange = None
+        self.telemetry = Telemetry(self.cfg.name, self.cfg.method, self.student.name)
         self.train_images = self.dataset.train_images.to(self.device)
         self.train_labels = self.dataset.train_labels.to(self.device)
 
@@ -110,6 +113,7 @@ class StudentWorker:
         batches = epoch_batches(self.dataset.num_train, cfg.batch_size, cfg.seed, epoch)
         waited, last_print = 0.0, time.monotonic()
         for step, idx in enumerate(batches):
+            step_started = time.perf_counter()
             idx = idx.to(self.device)
             images, labels = self.train_images[idx], self.train_labels[idx]
             logits = student.forward(images, step)
@@ -118,24 +122,30 @@ class StudentWorker:
                 self.exchange.publish(key, logits)
             with torch.no_grad():  # needs no peer: overlaps the exchange
                 ce = F.cross_entropy(logits, labels)
-            all_logits = None
+            all_logits, exposed = None, 0.0
             if self.method.uses_peers:
                 started = time.perf_counter()
                 all_logits = self.exchange.gather(key)
-                waited += time.perf_counter() - started
+                exposed = time.perf_counter() - started
+                waited += exposed
             targets = self.method.targets(all_logits, labels, cfg, weights)
             loss = self.method.loss(student.index, logits, targets, labels, cfg)
             with torch.no_grad():
                 kd = self.method.kd_term(student.index, logits.detach(), targets, cfg)
-            student.learn(loss, logits, labels, ce, kd, step)
+            loss_value = student.learn(loss, logits, labels, ce, kd, step)
+            step_seconds = time.perf_counter() - step_started
+            self.telemetry.step(loss_value, step_seconds, exposed, len(labels))
             if cfg.progress and time.monotonic() - last_print > PROGRESS_SECONDS:
                 last_print = time.monotonic()
                 print(f"[{cfg.name}] {student.name} epoch {epoch + 1} step {step + 1}/{len(batches)} "
-                      f"loss {loss.item():.3f}", flush=True)
+                      f"loss {loss_value:.3f} {len(labels) / step_seconds:.0f} img/s", flush=True)
         stats = student.end_epoch()
         stats["exchange_seconds"] = waited
-        return {"lr": lr, "stats": stats,
-                "test_logits": student.predict(self.dataset.test_images, cfg.eval_batch_size)}
+        test_logits = student.predict(self.dataset.test_images, cfg.eval_batch_size)
+        self.telemetry.flush()
+        self.telemetry.set(epoch=epoch + 1,
+                           test_accuracy=accuracy_and_loss(test_logits, self.dataset.test_labels)[0])
+        return {"lr": lr, "stats": stats, "test_logits": test_logits}
 
     def close(self) -> None:
         if self.exchange is not None:
@@ -286,6 +296,7 @@ def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> list[dict]
                       [r["test_logits"] for r in results], dataset.test_labels,
                       time.perf_counter() - started)
     run.append_metrics(rows)
+    Telemetry(cfg.name, cfg.method, "ensemble").set(epoch=epoch + 1, test_accuracy=rows[-1]["test_acc"])
     if should_checkpoint(cfg, epoch):
         run.save_checkpoint(epoch, dict(zip(cohort.names, cohort.call("state"))),
                             keep=cfg.keep_checkpoints)

@@ -80,8 +80,8 @@ class Student:
         return self.model(views)
 
     def learn(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-              ce: torch.Tensor, kd: torch.Tensor, step: int) -> None:
-        """One optimizer step on `loss`, after checking that it is finite."""
+              ce: torch.Tensor, kd: torch.Tensor, step: int) -> float:
+        """One optimizer step on `loss`, after checking that it is finite; returns its value."""
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self.name, self.epoch, step, value)
@@ -92,6 +92,7 @@ class Student:
         self._sums += torch.tensor([value * len(labels), ce.item() * len(labels),
                                     kd.item() * len(labels), correct, len(labels)],
                                    dtype=torch.float64)
+        return value
 
     def end_epoch(self) -> dict:
         loss, ce, kd, correct, samples = self._sums.tolist()

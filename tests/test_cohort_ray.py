@@ -2,6 +2,8 @@
 import os
 import shutil
 import signal
+import socket
+import urllib.request
 import threading
 import time
 
@@ -17,9 +19,19 @@ from cohort.runs import latest_checkpoint, read_checkpoint
 from conftest import tiny_cohort
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
     yield
     ray.shutdown()
 
@@ -107,3 +119,33 @@ def test_too_large_cohort_fails_fast_with_what_was_asked(tmp_path, digits):
         run_ray(cfg, digits)
     assert time.time() - started < 30
     assert not (tmp_path / "big").exists()
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("ray_cohort_"):
+            name, rest = line.split("{", 1)
+            labels, value = rest.rsplit("}", 1)
+            tags = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+            samples.append((name, {k: v.strip('"') for k, v in tags.items()}, float(value)))
+    return samples
+
+
+def test_live_metrics_reach_the_prometheus_endpoint(tmp_path, digits):
+    run_ray(tiny_cohort(tmp_path / "m", epochs=2, name="metricsrun"), digits)
+    deadline, found = time.time() + 60, {}
+    while time.time() < deadline:
+        found = {(name, tags.get("member")): value for name, tags, value in scrape(METRICS_PORT)
+                 if tags.get("run") == "metricsrun" and tags.get("method") == "dml"}
+        if ("ray_cohort_test_accuracy", "student1") in found and ("ray_cohort_epoch", "ensemble") in found:
+            break
+        time.sleep(2)
+    for member in ("student0", "student1"):
+        assert 10.0 < found[("ray_cohort_test_accuracy", member)] <= 100.0, found
+        assert 0.0 < found[("ray_cohort_train_loss", member)] < 5.0, found
+        assert found[("ray_cohort_images_per_second", member)] > 10.0, found
+        assert 0.0 < found[("ray_cohort_step_seconds", member)] < 5.0, found
+        assert found[("ray_cohort_exchange_seconds", member)] >= 0.0, found
+    assert found[("ray_cohort_epoch", "ensemble")] == 2.0
