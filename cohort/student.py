@@ -68,7 +68,8 @@ class Student:
                            self.cfg.milestones, self.cfg.gamma)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
-        self._sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, correct, samples
+        # loss, ce, kd, correct, samples: summed on the device, read once per epoch
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self._started = time.perf_counter()
         return lr
 
@@ -82,16 +83,17 @@ class Student:
     def learn(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
               ce: torch.Tensor, kd: torch.Tensor, step: int) -> float:
         """One optimizer step on `loss`, after checking that it is finite; returns its value."""
-        value = loss.item()
+        value = loss.item()  # the one host sync per step: the finite check needs it
         if not math.isfinite(value):
             raise TrainingDiverged(self.name, self.epoch, step, value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        correct = (logits.detach().argmax(1) == labels).sum().item()
-        self._sums += torch.tensor([value * len(labels), ce.item() * len(labels),
-                                    kd.item() * len(labels), correct, len(labels)],
-                                   dtype=torch.float64)
+        with torch.no_grad():
+            n = len(labels)
+            self._sums[:3] += torch.stack([loss.detach(), ce, kd]).double() * n
+            self._sums[3] += (logits.detach().argmax(1) == labels).sum()
+            self._sums[4] += n
         return value
 
     def end_epoch(self) -> dict:
