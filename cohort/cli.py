@@ -12,8 +12,11 @@ from typing import Callable, Sequence
 from .config import COHORT_METHODS, EXCHANGES, KDCL_VARIANTS, PLACEMENTS, VIEWS, CohortConfig
 from .data import DATASETS, DataError
 from .errors import CheckpointError, TrainingDiverged, UsageError
+from .distill import add_kd_flags, add_takd_flags, run_kd_job, run_takd_job
 from .one import add_one_flags, run_one_job
 from .optim import SCHEDULES
+from .report import add_report_flags, run_report_job
+from .sweep import add_sweep_flags, run_sweep_job
 
 EXIT_USAGE = 2
 
@@ -63,6 +66,19 @@ def add_run_flags(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (single-process runtime)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """Where a Ray Train job (ONE, a KD/TAKD stage) runs."""
+    p.add_argument("--workers", type=int, default=1, help="N data-parallel Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=float, default=-1.0,
+                   help="default 1 when the cluster has GPUs (nccl), else 0 (gloo on CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=-1.0,
+                   help="default 1 with GPUs, else the cluster's CPUs shared among the workers")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="worker-group failures Ray Train recovers from the latest checkpoint")
+    p.add_argument("--steps-per-epoch", type=int, default=0,
+                   help="train only the first N global batches of each epoch (smoke tests); 0 = all")
 
 
 def add_cohort_flags(p: argparse.ArgumentParser, method: str) -> None:
@@ -126,6 +142,10 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "independent": (lambda p: add_cohort_flags(p, "independent"),
                     lambda a: run_cohort_job(a, "independent")),
     "one": (add_one_flags, run_one_job),
+    "kd": (add_kd_flags, run_kd_job),
+    "takd": (add_takd_flags, run_takd_job),
+    "report": (add_report_flags, run_report_job),
+    "sweep": (add_sweep_flags, run_sweep_job),
 }
 
 

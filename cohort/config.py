@@ -127,3 +127,17 @@ def validate_against_data(cfg, dataset) -> None:
     """Checks that need the dataset's size."""
     check(cfg.batch_size <= dataset.num_train, "--batch-size",
           f"{cfg.batch_size} is larger than the training set ({dataset.num_train} images)")
+
+
+def validate_train_job(cfg) -> None:
+    """Checks of every Ray Train job (ONE, KD/TAKD stages): training numbers and workers."""
+    validate_training(cfg)
+    check(cfg.workers >= 1, "--workers", f"must be >= 1 (got {cfg.workers})")
+    check(cfg.batch_size >= 2, "--batch-size", f"must be >= 2 for BatchNorm (got {cfg.batch_size})")
+    check(cfg.batch_size % cfg.workers == 0, "--batch-size",
+          f"the global batch {cfg.batch_size} must split evenly over --workers {cfg.workers}")
+    check(cfg.max_failures >= 0, "--max-failures", f"must be >= 0 (got {cfg.max_failures})")
+    check(cfg.steps_per_epoch >= 0, "--steps-per-epoch", f"must be >= 0 (got {cfg.steps_per_epoch})")
+    check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1 (got {cfg.keep_checkpoints})")
+    check(cfg.gpus_per_worker == -1 or cfg.gpus_per_worker >= 0, "--gpus-per-worker", "must be >= 0")
+    check(cfg.cpus_per_worker == -1 or cfg.cpus_per_worker > 0, "--cpus-per-worker", "must be > 0")

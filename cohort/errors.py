@@ -20,4 +20,7 @@ class TrainingDiverged(RuntimeError):
         super().__init__(
             f"non-finite loss {value} for member {member!r} at epoch {epoch}, step {step}; "
             "the run directory keeps the last good checkpoint")
-        self.member, self.epoch, self.step = member, epoch, step
+        self.member, self.epoch, self.step, self.value = member, epoch, step, value
+
+    def __reduce__(self):   # picklable, so it crosses process boundaries (Ray workers, actors)
+        return (type(self), (self.member, self.epoch, self.step, self.value))

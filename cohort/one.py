@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import check, choice, validate_against_data, validate_training
+from .config import check, choice, validate_against_data, validate_train_job
 from .data import Dataset, derive_seed
 from .losses import one_ensemble_logits, one_loss, soft_kl
 from .metrics import accuracy_and_loss, ensemble_metrics
@@ -74,17 +74,8 @@ def validate_one(cfg: OneConfig) -> None:
     """Every check that needs no data; raises UsageError naming the flag."""
     choice(cfg.arch, MODEL_NAMES, "--arch")
     check(cfg.branches >= 2, "--branches", f"ONE needs at least 2 branches (got {cfg.branches})")
-    check(cfg.workers >= 1, "--workers", f"must be >= 1 (got {cfg.workers})")
-    validate_training(cfg)
-    check(cfg.batch_size >= 2, "--batch-size", f"must be >= 2 for BatchNorm (got {cfg.batch_size})")
-    check(cfg.batch_size % cfg.workers == 0, "--batch-size",
-          f"the global batch {cfg.batch_size} must split evenly over --workers {cfg.workers}")
+    validate_train_job(cfg)   # training numbers, workers, global batch split evenly over them
     check(cfg.rampup_epochs >= 0, "--rampup-epochs", f"must be >= 0 (got {cfg.rampup_epochs})")
-    check(cfg.max_failures >= 0, "--max-failures", f"must be >= 0 (got {cfg.max_failures})")
-    check(cfg.steps_per_epoch >= 0, "--steps-per-epoch", f"must be >= 0 (got {cfg.steps_per_epoch})")
-    check(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1 (got {cfg.keep_checkpoints})")
-    check(cfg.gpus_per_worker == -1 or cfg.gpus_per_worker >= 0, "--gpus-per-worker", "must be >= 0")
-    check(cfg.cpus_per_worker == -1 or cfg.cpus_per_worker > 0, "--cpus-per-worker", "must be > 0")
 
 
 class OneTask(TrainTask):
@@ -214,7 +205,7 @@ def run_one(cfg: OneConfig, dataset: Dataset | None = None, task: TrainTask | No
 
 
 def add_one_flags(p: argparse.ArgumentParser) -> None:
-    from .cli import add_data_flags, add_optim_flags, add_run_flags
+    from .cli import add_data_flags, add_optim_flags, add_run_flags, add_worker_flags
 
     p.description = "ONE (on-the-fly native ensemble) as one Ray Train DDP job"
     p.add_argument("--arch", default="resnet32", help=f"one of: {', '.join(MODEL_NAMES)}")
@@ -230,15 +221,7 @@ def add_one_flags(p: argparse.ArgumentParser) -> None:
                    help="epochs of the sigmoid ramp-up of lambda, exp(-5 (1 - t/T)^2), as the "
                         "official code; 0 = no ramp-up")
     add_run_flags(p, output="runs/one")
-    p.add_argument("--workers", type=int, default=1, help="N data-parallel Ray Train workers")
-    p.add_argument("--gpus-per-worker", type=float, default=-1.0,
-                   help="default 1 when the cluster has GPUs (nccl), else 0 (gloo on CPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=-1.0,
-                   help="default 1 with GPUs, else the cluster's CPUs shared among the workers")
-    p.add_argument("--max-failures", type=int, default=0,
-                   help="worker-group failures Ray Train recovers from the latest checkpoint")
-    p.add_argument("--steps-per-epoch", type=int, default=0,
-                   help="train only the first N global batches of each epoch (smoke tests); 0 = all")
+    add_worker_flags(p)
 
 
 def one_config(args: argparse.Namespace) -> OneConfig:
@@ -257,4 +240,9 @@ def one_config(args: argparse.Namespace) -> OneConfig:
 
 
 def run_one_job(args: argparse.Namespace) -> dict:
-    return run_one(one_config(args))
+    summary = run_one(one_config(args))
+    best = summary.get("best_student")
+    if best:
+        print(f"best_student.pt: {best['member']} of epoch {best['epoch'] + 1} "
+              f"({best['test_acc']:.2f}%), a plain {best['arch']}", flush=True)
+    return summary

@@ -4,6 +4,7 @@
     RUN/metrics.parquet    one row per (epoch, member)
     RUN/summary.json       final and best test accuracy per member
     RUN/checkpoints/epoch-NNNN/   one consistent snapshot: meta.json + <member>.pt
+    RUN/tensorboard/       TensorBoard event files: scalar `<member>/<column>` at step = epoch
 
 Checkpoints are written to a temporary directory and renamed into place, so a reader
 never sees half of one. Nothing here imports Ray.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -77,6 +79,10 @@ class RunDir:
         self.resume = resume
         self.rows: list[dict] = []
         self.extra_summary: dict = {}  # e.g. restarts, merged into summary.json
+        self._scalars: ScalarLog | None = None  # opened at the first append_metrics
+
+    def __getstate__(self):  # Ray pickles RunDirs into callbacks: never the open event file
+        return {**self.__dict__, "_scalars": None}
 
     # ---- set-up -------------------------------------------------------------------------
     @classmethod
@@ -127,6 +133,7 @@ class RunDir:
         self.rows = [r for r in self.rows if r["epoch"] < start_epoch]
 
     def append_metrics(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
         self.rows.extend(rows)
         table = pa.Table.from_pylist([_clean_row(r) for r in self.rows])
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.")
@@ -134,6 +141,9 @@ class RunDir:
         pq.write_table(table, tmp)
         os.replace(tmp, self.path / "metrics.parquet")
         write_json(self.path / "summary.json", {**summarize(self.rows, self.config), **self.extra_summary})
+        if self._scalars is None:
+            self._scalars = ScalarLog(self.path / "tensorboard")
+        self._scalars.write(rows)
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, members: dict[str, dict], meta: dict | None = None,
@@ -157,6 +167,59 @@ class RunDir:
         for old in _checkpoint_dirs(self.path)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+class ScalarLog:
+    """TensorBoard event files of a run: one scalar `<member>/<column>` per numeric column
+    of every metrics row, at step = epoch, flushed after each append (a few ms per epoch).
+
+    Rows that replace ones already logged (a resume, or a restart from a checkpoint) open a
+    new event file that starts with a purge marker at their first epoch, so TensorBoard
+    drops the stale points of the epochs trained again instead of drawing both."""
+
+    SKIP = frozenset({"epoch"})
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.writer = None
+        self.logged: set[tuple[str, int]] = set()
+
+    def write(self, rows: list[dict]) -> None:
+        rows = [r for r in rows if "member" in r and "epoch" in r]
+        if not rows:
+            return
+        first = min(int(r["epoch"]) for r in rows)
+        if self.writer is not None and any((str(r["member"]), int(r["epoch"])) in self.logged
+                                          for r in rows):
+            self.close()   # rows of epochs trained again: a new file that purges the old points
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            stale = self.folder.is_dir() and any(self.folder.glob("events.out.tfevents.*"))
+            self.writer = SummaryWriter(str(self.folder), purge_step=first if stale else None,
+                                        flush_secs=3600)
+            self.logged = set()
+        for row in rows:
+            member, epoch = str(row["member"]), int(row["epoch"])
+            for key, value in row.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.item()
+                if (key in self.SKIP or isinstance(value, bool) or not isinstance(value, numbers.Real)
+                        or not math.isfinite(value)):
+                    continue
+                self.writer.add_scalar(f"{member}/{key}", value, epoch)
+            self.logged.add((member, epoch))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _checkpoint_dirs(run_path: Path) -> list[Path]:

@@ -22,10 +22,16 @@ N workers (gloo on CPU, nccl on GPU). Each worker runs `_worker_loop`:
 Checkpoints live in RUN/checkpoints/epoch-NNNN/ (RunConfig storage_path=RUN, name
 "checkpoints"), each a cohort checkpoint (meta.json + train_state.pt) that `runs.py` can
 read. Rerunning with `resume` makes Ray Train load its snapshot of that folder, so
-`ray.train.get_checkpoint()` returns the latest one; FailureConfig(max_failures) restarts a
-failed worker group from it within one run. The metric rows travel with the report to a
+`ray.train.get_checkpoint()` returns the latest one (the run directory's latest checkpoint is
+the fallback when Ray has no snapshot); FailureConfig(max_failures) restarts a failed worker
+group from the latest checkpoint within one run. The metric rows travel with the report to a
 callback on the Train controller (on the driver's node), which appends them to
-RUN/metrics.parquet and prints the epoch line.
+RUN/metrics.parquet and prints the epoch line. After training, `task.finish` runs on the
+driver with the task state of the final checkpoint (ONE writes best_student.pt there).
+
+To train something else (a KD/TAKD stage), write a `cohort.task.TrainTask` (model + loss +
+evaluation) and a config subclassing `TrainJobConfig`, then call `run_train_job`; see
+`cohort.one` for a complete example.
 
 Ray is imported here and in the other runtime modules only.
 """
@@ -34,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -95,13 +100,15 @@ def run_train_job(task: TrainTask, cfg: TrainJobConfig, run: RunDir, dataset: Da
     connect()
     cpus, gpus = worker_resources(cfg)
     run.path = run.path.resolve()   # workers and the controller have other working directories
-    resumed_from = _epochs_completed(run.path) if cfg.resume else 0
+    latest = latest_checkpoint(run.path) if cfg.resume else None
+    resumed_from = _epochs_completed(latest) if latest else 0
     run.start()
     writer = _RunDirWriter(run, task, cfg.progress)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"task": task, "data": ray.put(dataset_arrays(dataset)),
-                           "threads": max(1, int(cpus))},
+                           "threads": max(1, int(cpus)),
+                           "resume_from": str(latest) if latest else None},
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
                                      resources_per_worker=_bundle(cpus, gpus)),
@@ -129,9 +136,8 @@ def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
 
 
-def _epochs_completed(run_path: Path) -> int:
-    latest = latest_checkpoint(run_path)
-    return json.loads((latest / "meta.json").read_text())["epochs_completed"] if latest else 0
+def _epochs_completed(checkpoint_dir: Path) -> int:
+    return int(json.loads((Path(checkpoint_dir) / "meta.json").read_text())["epochs_completed"])
 
 
 def _diverged(exc: Exception) -> TrainingDiverged | None:
@@ -200,7 +206,12 @@ def _worker_loop(config: dict) -> None:
     task.setup(spec, device)
     optimizer = make_optimizer(core.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                cfg.nesterov)
-    start = _restore(ray.train.get_checkpoint(), core, optimizer, task)
+    # Ray Train's latest checkpoint of this run (after a restart, or from its snapshot of
+    # RUN/checkpoints when resuming); the run directory's latest if Ray has no snapshot of it
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:
+        checkpoint = Checkpoint.from_directory(config["resume_from"])
+    start = _restore(checkpoint, core, optimizer, task)
 
     images = dataset.train_images.to(device)
     labels = dataset.train_labels.to(device)

@@ -1,4 +1,5 @@
 """Bad input, bad numbers, bad files: one line, the right exit code, nothing lost."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,11 +152,22 @@ def test_cli_process_exit_code_and_single_line(tmp_path):
 
 
 def test_local_instance_dashboard_listens_on_loopback_with_token_auth():
-    probe = ("from cohort.cluster import connect\n"
+    """A job with no cluster starts one whose dashboard binds 127.0.0.1 and refuses requests
+    without the token. RAY_AUTH_* are removed from the child's environment: an earlier
+    ray.init() in this process sets RAY_AUTH_MODE=token, and the default is what matters."""
+    probe = ("import urllib.error, urllib.request\n"
+             "from cohort.cluster import connect\n"
              "ctx = connect()\n"
-             "print('DASHBOARD', ctx.dashboard_url)\n")
+             "print('DASHBOARD', ctx.dashboard_url)\n"
+             "try:\n"
+             "    urllib.request.urlopen(f'http://{ctx.dashboard_url}/api/jobs/', timeout=10)\n"
+             "    print('STATUS 200')\n"
+             "except urllib.error.HTTPError as exc:\n"
+             "    print('STATUS', exc.code)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)
     line = [l for l in done.stdout.splitlines() if l.startswith("DASHBOARD")]
     assert line and line[0].split()[1].startswith("127.0.0.1:"), done.stdout + done.stderr[-2000:]
+    assert "STATUS 401" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "Token authentication is enabled" in done.stderr

@@ -1,5 +1,6 @@
 """ONE as one Ray Train DDP job (CPU, gloo, digits): learning, N-independence, resume, export."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +20,32 @@ from cohort.one import OneConfig, OneTask, rampup_weight, run_one
 from cohort.runs import latest_checkpoint, load_checkpoint_file, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# Smallest setting found to reach >= 90% on every branch and the ensemble reliably:
-# resnet8, 3 branches, global batch 64, lr 0.1 cosine, 6 epochs (about 95-97% at the end).
-EPOCHS = 6
+# Smallest setting that reaches >= 90% on every branch and the ensemble, measured over seeds
+# 0, 1, 2: resnet8, 3 branches, global batch 64, lr 0.1 cosine, 4 epochs gives 92.5-95%
+# (3 epochs: 86-89%; 5 epochs: 92.5-96%).
+EPOCHS = 4
+
+
+# Fewer helper processes and faster polling per fit on a 2-core machine (Ray Train propagates
+# these to its controller): no preemption watcher, controller polls workers every 0.5 s.
+FAST_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     # The Train controller and its helper actors take no CPU; the 2 workers take 1 CPU each.
+    saved = {k: os.environ.get(k) for k in FAST_TRAIN_ENV}
+    os.environ.update(FAST_TRAIN_ENV)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])   # FailAt travels to workers
     yield
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def one_cfg(output, **overrides) -> OneConfig:
@@ -43,15 +57,21 @@ def one_cfg(output, **overrides) -> OneConfig:
 
 
 class FailAt(OneTask):
-    """Every rank raises when epoch `fail_epoch` begins (a crash after its checkpoint)."""
+    """Every rank raises when epoch `fail_epoch` begins (a crash after its checkpoint); with
+    `once_dir`, only the first time (a marker file per rank remembers it)."""
 
-    def __init__(self, cfg, fail_epoch):
+    def __init__(self, cfg, fail_epoch, once_dir=None):
         super().__init__(cfg)
-        self.fail_epoch = fail_epoch
+        self.fail_epoch, self.once_dir = fail_epoch, once_dir
 
     def begin_epoch(self, epoch):
         if epoch == self.fail_epoch:
-            raise RuntimeError(f"injected failure at epoch {epoch}")
+            if self.once_dir is None:
+                raise RuntimeError(f"injected failure at epoch {epoch}")
+            marker = Path(self.once_dir) / f"failed-rank{ray.train.get_context().get_world_rank()}"
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"injected one-time failure at epoch {epoch}")
         return super().begin_epoch(epoch)
 
 
@@ -73,15 +93,18 @@ def test_rampup_follows_the_official_sigmoid():
 
 def test_two_workers_learn_resume_and_export_the_best_branch(tmp_path, digits):
     out = tmp_path / "one"
-    crash = 3
+    crash = 2
     with pytest.raises(ray.train.TrainingFailedError, match="injected failure"):
         run_one(one_cfg(out), digits, task=FailAt(one_cfg(out), crash))
     before = rows_of(out)
     assert sorted({r["epoch"] for r in before}) == list(range(crash))
     assert read_checkpoint(latest_checkpoint(out))[0]["epochs_completed"] == crash
 
-    summary = run_one(one_cfg(out, resume=True), digits)
+    # --resume continues from epoch `crash`; one more crash in it is absorbed by --max-failures
+    resumed = one_cfg(out, resume=True, max_failures=1)
+    summary = run_one(resumed, digits, task=FailAt(resumed, crash + 1, once_dir=tmp_path))
     assert summary["resumed_from_epoch"] == crash
+    assert summary["restarts"] == 1
     rows = rows_of(out)
     members = ["branch0", "branch1", "branch2", "ensemble", "average"]
     assert [(r["epoch"], r["member"]) for r in rows] == [
@@ -114,14 +137,14 @@ def test_two_workers_learn_resume_and_export_the_best_branch(tmp_path, digits):
 
 def test_two_workers_compute_what_one_worker_computes(tmp_path, digits):
     """Same global batch: SyncBatchNorm + DDP over 2 ranks equals 1 rank up to rounding."""
-    settings = dict(epochs=1, steps_per_epoch=5, rampup_epochs=0)
+    settings = dict(epochs=1, steps_per_epoch=3, rampup_epochs=0)
     run_one(one_cfg(tmp_path / "n1", workers=1, **settings), digits)
     run_one(one_cfg(tmp_path / "n2", workers=2, **settings), digits)
     (meta1, one), (meta2, two) = model_state(tmp_path / "n1"), model_state(tmp_path / "n2")
     assert meta1["epochs_completed"] == meta2["epochs_completed"] == 1
     for key, value in one.items():
         if value.is_floating_point():
-            assert torch.allclose(value, two[key], atol=2e-5, rtol=1e-4), key
+            assert torch.allclose(value, two[key], atol=1e-5, rtol=1e-4), key
         else:
             assert torch.equal(value, two[key]), key
     for a, b in zip(rows_of(tmp_path / "n1"), rows_of(tmp_path / "n2")):

@@ -1,0 +1,111 @@
+"""KD and TAKD chains on Ray Train (CPU, gloo, digits)."""
+import json
+import os
+
+import pytest
+import ray
+import torch
+
+from cohort.cli import main
+from cohort.data import normalize_batch
+from cohort.distill import ChainConfig, run_chain
+from cohort.export import instantiate, save_plain_model
+from cohort.models import build_model
+from cohort.runs import load_checkpoint_file
+
+FAST = dict(dataset="digits", batch_size=64, lr=0.1, schedule="cosine", progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def predictions(model_file, digits):
+    model = instantiate(load_checkpoint_file(model_file)).eval()
+    with torch.no_grad():
+        x = normalize_batch(digits.test_images, mean=digits.mean, std=digits.std)
+        return model(x).argmax(1)
+
+
+def test_three_stage_chain_learns_and_skip_trained_reuses_stages(tmp_path, digits):
+    out = tmp_path / "takd"
+    summary = run_chain(ChainConfig(chain=["resnet14", "resnet8", "resnet8"], epochs=3,
+                                    output=str(out), **FAST), digits)
+    stages = summary["stages"]
+    assert [s["arch"] for s in stages] == ["resnet14", "resnet8", "resnet8"]
+    for stage in stages:
+        assert stage["how"] == "trained" and stage["test_acc"] > 60.0, stage
+        model_file = out / f"stage{stage['stage']}-{stage['arch']}" / "model.pt"
+        # The exported network reproduces the stage's reported accuracy.
+        acc = (predictions(model_file, digits) == digits.test_labels).float().mean().item() * 100
+        assert acc == pytest.approx(stage["test_acc"], abs=1e-6)
+    config = json.loads((out / "stage2-resnet8" / "config.json").read_text())
+    assert config["teacher"].endswith("stage1-resnet8/model.pt") and config["method"] == "kd"
+    assert set(summary["members"]) == {"stage0-resnet14", "stage1-resnet8", "stage2-resnet8"}
+
+    # Reusing the trained stages: a longer chain trains only its new last stage.
+    first = out / "stage0-resnet14" / "model.pt"
+    stamp = os.stat(first).st_mtime_ns
+    longer = run_chain(ChainConfig(chain=["resnet14", "resnet8", "resnet8", "resnet8"], epochs=3,
+                                   output=str(out), skip_trained=True, **FAST), digits)
+    assert os.stat(first).st_mtime_ns == stamp
+    assert len(longer["stages"]) == 4 and longer["stages"][3]["test_acc"] > 30.0
+
+
+def constant_teacher(path, digits, favourite: int):
+    """A resnet8 whose logits ignore the input and always favour one class."""
+    model = build_model("resnet8", 10, 1)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(favourite), 10) * 8.0)
+    save_plain_model(path, "resnet8", 10, 1, model.state_dict())
+
+
+def test_kd_pulls_the_student_toward_the_teachers_logits(tmp_path, digits):
+    teacher = tmp_path / "teacher.pt"
+    constant_teacher(teacher, digits, favourite=3)
+    common = ["--teacher-checkpoint", str(teacher), "--student", "resnet8", "--dataset", "digits",
+              "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--schedule", "cosine",
+              "--temperature", "1", "--no-progress"]
+    assert main(["kd", *common, "--alpha", "1.0", "--output", str(tmp_path / "pure")]) == 0
+    assert main(["kd", *common, "--alpha", "0.0", "--output", str(tmp_path / "ce")]) == 0
+    pure = predictions(tmp_path / "pure" / "stage1-resnet8" / "model.pt", digits)
+    alone = predictions(tmp_path / "ce" / "stage1-resnet8" / "model.pt", digits)
+    assert (pure == 3).float().mean() > 0.9          # copies the teacher, not the labels
+    assert (alone == digits.test_labels).float().mean() > 0.5
+    summary = json.loads((tmp_path / "pure" / "summary.json").read_text())
+    assert summary["stages"][0]["how"] == "loaded"
+    assert summary["stages"][0]["test_acc"] == pytest.approx(
+        100.0 * (digits.test_labels == 3).float().mean().item(), abs=1e-6)
+
+
+BAD = [
+    (["kd", "--student", "resnet8"], "--teacher"),
+    (["kd", "--teacher", "resnet8", "--student", "resnet99"], "--student"),
+    (["kd", "--teacher", "resnet8", "--alpha", "1.5"], "--alpha"),
+    (["kd", "--teacher-checkpoint", "/nonexistent.pt"], "--teacher-checkpoint"),
+    (["takd", "--chain", "resnet8"], "--chain"),
+    (["takd", "--chain", "resnet8,resnet8", "--temperature", "0"], "--temperature"),
+    (["takd", "--chain", "resnet8,resnet8", "--workers", "3"], "--batch-size"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD, ids=[b[1] for b in BAD])
+def test_bad_distill_flags_exit_2_before_anything(tmp_path, capsys, args, flag):
+    out = tmp_path / "run"
+    code = main([*args, "--dataset", "digits", "--batch-size", "64", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and flag in err, err
+    assert not out.exists()
+
+
+def test_foreign_teacher_file_is_a_clear_error(tmp_path, capsys):
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    code = main(["kd", "--teacher", "resnet8", "--teacher-checkpoint", str(bogus), "--dataset",
+                 "digits", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--teacher-checkpoint" in err and "not a cohort model file" in err
