@@ -4,12 +4,11 @@ Part 1 (latency). One step's logits, B x C = 128 x 100 float32 (51 kB), go from 
 to every member, K = 2 and 4, through
 
 * `store`      - cohort.exchange.StoreExchange between Ray actors, exactly the class training
-                 uses: the logits ride inside each peer's `deliver` call (they are < 96 KiB);
-* `store_ref`  - the same class forced onto its object-store path (inline_bytes=0): ray.put
-                 once, each peer's `deliver` gets the reference, then ray.get;
+                 uses: each member rewrites one object-store channel (a mutable shared-memory
+                 object) that its K-1 peers read;
 * `collective` - cohort.exchange.CollectiveExchange between the same actors (gloo all_gather);
-* `channel`    - a prototype, not project code: ray.experimental.channel shared-memory
-                 channels between the same actors (one writer, K-1 readers each);
+* `actor_push` - not project code: the design `store` replaced, one actor call per peer and
+                 step carrying the logits (ActorPush below);
 * `bare`       - the floor: torch.distributed gloo all_gather among K plain processes
                  (multiprocessing, no Ray).
 
@@ -60,12 +59,8 @@ def timed_steps(exchange, tag, steps: int, device) -> list[float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
-        assert len(gathered) == exchange_world(exchange)
+        assert len(gathered) == exchange.world
     return out
-
-
-def exchange_world(exchange) -> int:
-    return len(exchange.peers) if hasattr(exchange, "peers") else exchange.world
 
 
 # ---- the floor: plain processes ---------------------------------------------------------------
@@ -125,61 +120,69 @@ class BareGroup:
             p.join(timeout=30)
 
 
-# ---- a prototype: Ray's shared-memory channels (not project code) ---------------------------------
-class ChannelExchange:
-    """publish/gather over ray.experimental.channel: each member writes one mutable shared-memory
-    object that its K-1 peers read. One slot, so members move in lockstep (as a cohort does);
-    the key is implied by the order of calls. Same node only in this sketch."""
+# ---- the alternative: one actor call per peer and step (not project code) --------------------------
+class ActorPush:
+    """The design `store` replaced, for comparison: every step each member calls `deliver` on
+    each peer with its logits (a numpy array inside the call), and waits for K-1 deliveries."""
 
-    def __init__(self, rank: int, mine, channels: list):
-        self.rank, self.mine, self.channels = rank, mine, channels
-        self.world = len(channels)
+    def __init__(self, rank: int, peers: list):
+        import threading
+        self.rank, self.peers, self.world = rank, peers, len(peers)
+        self.inbox: dict = {}
+        self.ready = threading.Condition()
         self._own = None
 
-    def publish(self, key, logits):
+    def deliver(self, key, sender: int, value) -> None:   # runs in the actor's other thread
+        with self.ready:
+            self.inbox.setdefault(key, {})[sender] = value
+            self.ready.notify_all()
+
+    def publish(self, key, logits) -> None:
         self._own = logits.detach()
-        self.mine.write(self._own.cpu())
+        value = self._own.cpu().numpy()
+        for j, peer in enumerate(self.peers):
+            if j != self.rank:
+                peer.deliver.remote(key, self.rank, value)
 
-    def gather(self, key):
-        return [self._own if j == self.rank else self.channels[j].read() for j in range(self.world)]
+    def gather(self, key) -> list:
+        with self.ready:
+            self.ready.wait_for(lambda: len(self.inbox.get(key, ())) == self.world - 1)
+            got = self.inbox.pop(key)
+        return [self._own if j == self.rank else torch.from_numpy(got[j].copy())
+                for j in range(self.world)]
 
 
-# ---- Ray actors with the project's transports ---------------------------------------------------
+# ---- Ray actors with the transports ---------------------------------------------------------------
 class Peer:
-    """A stand-in StudentWorker: the same Mailbox/deliver wiring, no model."""
+    """A stand-in StudentWorker: the same transports and wiring, no model."""
 
     def __init__(self, rank: int, world: int, device: str):
-        from cohort.exchange import Mailbox
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.device = torch.device(device)
-        self.mailbox = Mailbox()
-        self.store = self.store_ref = self.collective = self.channel = None
+        self.store = self.collective = self.actor_push = None
 
     def rendezvous(self):
         import ray
         return ray.util.get_node_ip_address(), free_port()
 
-    def connect(self, peers, master) -> None:
-        from cohort.exchange import CollectiveExchange, StoreExchange
-        self.store = StoreExchange(self.rank, peers, self.mailbox, self.device)
-        # the object-store path for every size (what `store` does above inline_bytes)
-        self.store_ref = StoreExchange(self.rank, peers, self.mailbox, self.device, inline_bytes=0)
-        self.collective = CollectiveExchange(self.rank, self.world, master, self.device)
-
-    def open_channel(self, peers):
+    def node(self) -> str:
         import ray
-        from ray.experimental.channel.shared_memory_channel import Channel
-        context = ray.get_runtime_context()
-        readers = [(p, context.get_node_id()) for j, p in enumerate(peers) if j != self.rank]
-        self._channel = Channel(context.current_actor, readers, 1 << 20)
+        return ray.get_runtime_context().get_node_id()
+
+    def open_channel(self, peers, nodes):   # as StudentWorker.open_channel
+        from cohort.exchange import StoreExchange
+        self._channel = StoreExchange.open(self.rank, peers, nodes, 4 * B * C + 4096)
         return self._channel
 
-    def connect_channels(self, channels) -> None:
-        self.channel = ChannelExchange(self.rank, self._channel, channels)
+    def connect(self, peers, master, channels) -> None:
+        from cohort.exchange import CollectiveExchange, StoreExchange
+        self.store = StoreExchange(self.rank, self._channel, channels, self.device)
+        self.collective = CollectiveExchange(self.rank, self.world, master, self.device)
+        self.actor_push = ActorPush(self.rank, peers)
 
-    def deliver(self, key, sender, boxed) -> None:        # as StudentWorker.deliver
-        self.mailbox.put(tuple(key), sender, boxed[0])
+    def deliver(self, key, sender, value) -> None:
+        self.actor_push.deliver(key, sender, value)
 
     def run(self, transport: str, tag, steps: int) -> list[float]:
         return timed_steps(getattr(self, transport), tag, steps, self.device)
@@ -187,10 +190,6 @@ class Peer:
     def live_references(self) -> int:
         import ray
         return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
-
-    def backlog(self) -> int:
-        """Steps waiting in the mailbox plus own logits not yet gathered (0 between steps)."""
-        return len(self.mailbox._items) + sum(len(x._own) for x in (self.store, self.store_ref) if x)
 
     def rss_bytes(self) -> dict:
         return proc_memory(os.getpid())
@@ -206,15 +205,14 @@ def proc_memory(pid: int) -> dict:
     return fields
 
 
-def start_peers(ray, world: int, device: str, gpus: float, channels: bool = True):
+def start_peers(ray, world: int, device: str, gpus: float):
     actor = ray.remote(Peer)
     peers = [actor.options(num_cpus=0, num_gpus=gpus, max_concurrency=4).remote(r, world, device)
              for r in range(world)]
     master = ray.get(peers[0].rendezvous.remote())
-    ray.get([p.connect.remote(peers, master) for p in peers])
-    if channels:     # each holds a 1 MiB shared-memory buffer in the object store
-        opened = ray.get([p.open_channel.remote(peers) for p in peers])
-        ray.get([p.connect_channels.remote(opened) for p in peers])
+    nodes = ray.get([p.node.remote() for p in peers])
+    channels = ray.get([p.open_channel.remote(peers, nodes) for p in peers])
+    ray.get([p.connect.remote(peers, master, channels) for p in peers])
     return peers
 
 
@@ -227,7 +225,7 @@ def latency_part(ray, args) -> tuple[list[dict], dict]:
         gpus = min(1.0, torch.cuda.device_count() / max(worlds))
     groups = {k: start_peers(ray, k, args.device, gpus) for k in worlds}
     bare = {k: BareGroup(k, args.device) for k in worlds}
-    transports = ["store", "store_ref", "collective", "channel", "bare"]
+    transports = ["store", "collective", "actor_push", "bare"]
     samples = {(k, t): [] for k in worlds for t in transports}
     for rnd in range(rounds + 1):                     # round 0 warms up every path
         for k in worlds:

@@ -7,19 +7,13 @@ includes shared object-store pages the process touched: the dataset is read zero
 the store), and the largest RssAnon seen (private memory: heap, model, activations).
 
 Part 2 (exchange). K stand-in students (benchmarks/exchange.py's Peer: the project's
-Mailbox and StoreExchange, no model) exchange 128 x 100 float32 logits for `--steps` steps,
-on the inline path (`store`, what these logits take) and the object-store path (`store_ref`,
-what logits above 96 KiB take). Every `--every` steps: the object store's bytes in use and
-object count (the raylet's FormatGlobalMemoryInfo, what `ray memory --stats-only` prints),
-each actor's live object references (its core worker's reference table), its mailbox
-backlog, and its RSS. Flat means: at most 10% of the steps' logits in the store at any sample
-(frees are asynchronous, so a few steps are in flight), back to the starting bytes (within one
-step) within 15 s of the last step, no growing reference table, an empty mailbox.
-
-RSS is reported, not judged: on the inline path each peer's logits are unpickled in the
-actor's `deliver` thread and freed by the training thread, and glibc's per-thread arenas make
-RSS creep by tens of MiB over the first ~10k steps, then plateau (measured to 20k steps; flat
-with MALLOC_ARENA_MAX=1). No object is retained: the store and reference counts stay flat.
+StoreExchange, no model) exchange 128 x 100 float32 logits for `--steps` steps. Each member's
+channel is one object-store buffer allocated when the cohort connects and rewritten in place
+every step. Every `--every` steps: the object store's bytes in use and object count (the
+raylet's FormatGlobalMemoryInfo, what `ray memory --stats-only` prints), each actor's live
+object references (its core worker's reference table) and its RSS. Flat means: the store's
+bytes and objects never exceed what they were after the first steps, and the reference
+tables do not grow. RSS is reported, not judged (allocator arenas move it a little).
 """
 from __future__ import annotations
 
@@ -105,61 +99,37 @@ def actor_part(ray, args) -> list[dict]:
 
 
 # ---- part 2: 1,000 exchange steps ---------------------------------------------------------------
-def settle(baseline: int, slack: int, seconds: float = 15.0) -> int:
-    """Frees are asynchronous (an owner drops an object once its borrowers report back): wait
-    until the store is back within `slack` bytes of `baseline`, or `seconds`; the bytes then."""
-    deadline = time.monotonic() + seconds
-    used = store_stats()["bytes_used"]
-    while used > baseline + slack and time.monotonic() < deadline:
-        time.sleep(0.5)
-        used = store_stats()["bytes_used"]
-    return used
-
-
 def exchange_part(ray, args) -> tuple[list[dict], list[dict]]:
     import exchange as bench_exchange
     ray.cloudpickle.register_pickle_by_value(bench_exchange)   # workers need not import it
 
     series, summary = [], []
     for world in (2, 4):
-        peers = bench_exchange.start_peers(ray, world, args.device, 0.0, channels=False)
-        per_step = B * C * 4 * world           # every member's logits of one step
-        for transport in ("store", "store_ref"):
-            baseline = settle(store_stats()["bytes_used"], 0)
-            ray.get([p.run.remote(transport, "warm", 20) for p in peers])
-            settle(baseline, per_step)
-            points = []
-            for done in range(0, args.steps + 1, args.every):
-                if done:
-                    ray.get([p.run.remote(transport, f"m{done}", args.every) for p in peers])
-                stats = store_stats()
-                refs = ray.get([p.live_references.remote() for p in peers])
-                backlog = ray.get([p.backlog.remote() for p in peers])
-                rss = ray.get([p.rss_bytes.remote() for p in peers])
-                point = {"K": world, "transport": transport, "steps": done,
-                         "store_bytes": stats["bytes_used"], "store_objects": stats["objects"],
-                         "refs_max": max(refs), "backlog_max": max(backlog),
-                         "rss_mib_max": max(r["VmRSS"] for r in rss) / MiB}
-                points.append(point)
-            series += points
-            first, last = points[0], points[-1]
-            settled = store_stats()
-            settled["bytes_used"] = settle(baseline, per_step)
-            settled["objects"] = store_stats()["objects"]
-            in_flight = max(p["store_bytes"] for p in points) - baseline
-            summary.append({"K": world, "transport": transport, "steps": args.steps,
-                            "store_kib_start": baseline / 1024,
-                            "store_kib_max": max(p["store_bytes"] for p in points) / 1024,
-                            "max_steps_in_flight": max(0, in_flight) / per_step,
-                            "store_kib_settled": settled["bytes_used"] / 1024,
-                            "objects_settled": settled["objects"],
-                            "refs_start": first["refs_max"], "refs_end": last["refs_max"],
-                            "backlog_end": last["backlog_max"],
-                            "rss_mib_start": first["rss_mib_max"], "rss_mib_end": last["rss_mib_max"],
-                            "flat": (settled["bytes_used"] <= baseline + per_step
-                                     and in_flight <= 0.1 * args.steps * per_step
-                                     and last["refs_max"] <= first["refs_max"] + 2 * world
-                                     and last["backlog_max"] == 0)})
+        peers = bench_exchange.start_peers(ray, world, args.device, 0.0)
+        ray.get([p.run.remote("store", "warm", 20) for p in peers])   # channels allocated, warm
+        points = []
+        for done in range(0, args.steps + 1, args.every):
+            if done:
+                ray.get([p.run.remote("store", f"m{done}", args.every) for p in peers])
+            stats = store_stats()
+            refs = ray.get([p.live_references.remote() for p in peers])
+            rss = ray.get([p.rss_bytes.remote() for p in peers])
+            points.append({"K": world, "transport": "store", "steps": done,
+                           "store_bytes": stats["bytes_used"], "store_objects": stats["objects"],
+                           "refs_max": max(refs), "rss_mib_max": max(r["VmRSS"] for r in rss) / MiB})
+        series += points
+        first, last = points[0], points[-1]
+        summary.append({"K": world, "transport": "store", "steps": args.steps,
+                        "store_kib_start": first["store_bytes"] / 1024,
+                        "store_kib_max": max(p["store_bytes"] for p in points) / 1024,
+                        "store_kib_end": last["store_bytes"] / 1024,
+                        "objects_start": first["store_objects"],
+                        "objects_max": max(p["store_objects"] for p in points),
+                        "refs_start": first["refs_max"], "refs_end": last["refs_max"],
+                        "rss_mib_start": first["rss_mib_max"], "rss_mib_end": last["rss_mib_max"],
+                        "flat": (max(p["store_bytes"] for p in points) <= first["store_bytes"]
+                                 and max(p["store_objects"] for p in points) <= first["store_objects"]
+                                 and last["refs_max"] <= first["refs_max"])})
         for p in peers:
             ray.kill(p)
     return series, summary
@@ -184,8 +154,8 @@ def main() -> None:
                 "student actors of a real DML cohort (run_ray), one epoch"))
     series, summary = exchange_part(ray, args)
     print(table(summary, ["K", "transport", "steps", "store_kib_start", "store_kib_max",
-                          "max_steps_in_flight", "store_kib_settled", "objects_settled", "refs_start",
-                          "refs_end", "backlog_end", "rss_mib_start", "rss_mib_end", "flat"],
+                          "store_kib_end", "objects_start", "objects_max", "refs_start", "refs_end",
+                          "rss_mib_start", "rss_mib_end", "flat"],
                 f"object store and references over {args.steps} exchange steps of {B}x{C} float32 logits"))
     ray.shutdown()
     flat = all(r["flat"] for r in summary)

@@ -5,6 +5,7 @@ import logging
 import os
 
 import ray
+import ray.job_config
 from ray.util.placement_group import placement_group, remove_placement_group
 
 
@@ -12,16 +13,21 @@ class ResourceError(RuntimeError):
     """The cluster cannot fit what a run asks for; says what was asked and what exists."""
 
 
-def connect(address: str | None = None):
+def connect(method: str = "", run: str = "", address: str | None = None):
     """Join the cluster at `address` / RAY_ADDRESS (set inside `ray job submit`), else start a
     local instance whose dashboard listens on 127.0.0.1 only. Token authentication stays as
-    Ray sets it (on for local clusters in Ray >= 2.59)."""
+    Ray sets it (on for local clusters in Ray >= 2.59). The driver's job carries metadata
+    {cohort_method, cohort_run} on the dashboard's Jobs page (a submission's own metadata is
+    kept beside it)."""
     if ray.is_initialized():
         return None
+    metadata = {k: v for k, v in (("cohort_method", method), ("cohort_run", run)) if v}
+    job_config = ray.job_config.JobConfig(metadata=metadata)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        return ray.init(address=address, logging_level=logging.WARNING)
-    return ray.init(address="local", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        return ray.init(address=address, job_config=job_config, logging_level=logging.WARNING)
+    return ray.init(address="local", dashboard_host="127.0.0.1", job_config=job_config,
+                    logging_level=logging.WARNING)
 
 
 def cluster_totals() -> dict[str, float]:

@@ -23,10 +23,10 @@ from .data import Dataset, epoch_batches
 from .errors import TrainingDiverged
 from .engine import (epoch_rows, general_weights, prepare_run, restore_point, run_summary,
                      should_checkpoint)
-from .exchange import CollectiveExchange, Mailbox, StoreExchange
+from .exchange import CollectiveExchange, StoreExchange
 from .methods import get_method, needs_general_weights
 from .metrics import accuracy_and_loss
-from .progress import epoch_line, say
+from .progress import epoch_line, say, step_bar
 from .runs import latest_checkpoint
 from .student import DataSpec, Student, resolve_device
 from .telemetry import Telemetry
@@ -70,11 +70,15 @@ class StudentWorker:
         self.student = Student(index, arch, self.cfg, DataSpec.of(self.dataset, self.cfg.crop_padding),
                                self.device)
         self.method = get_method(self.cfg.method)
-        self.mailbox = Mailbox()
         self.exchange = None
+        self._steps_done = 0
         self.telemetry = Telemetry(self.cfg.name, self.cfg.method, self.student.name)
         self.train_images = self.dataset.train_images.to(self.device)
         self.train_labels = self.dataset.train_labels.to(self.device)
+
+    def steps_done(self) -> int:
+        """Steps of the current epoch this student has taken (the driver's progress bar)."""
+        return self._steps_done
 
     def pid(self) -> int:
         import os
@@ -87,15 +91,22 @@ class StudentWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def connect(self, peers: list, transport: str, master: tuple | None) -> None:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def open_channel(self, peers: list, nodes: list) -> object:
+        """This student's object-store channel, which its peers read (`--exchange store`)."""
+        buffer_bytes = 4 * self.cfg.batch_size * self.dataset.num_classes + 4096
+        self._channel = StoreExchange.open(self.student.index, peers, nodes, buffer_bytes)
+        return self._channel
+
+    def connect(self, transport: str, wiring) -> None:
+        """`wiring`: every member's channel (store), or the collective's master address."""
         rank = self.student.index
         if transport == "collective":
-            self.exchange = CollectiveExchange(rank, len(peers), master, self.device)
+            self.exchange = CollectiveExchange(rank, self.cfg.students, wiring, self.device)
         else:
-            self.exchange = StoreExchange(rank, peers, self.mailbox, self.device)
-
-    def deliver(self, key: tuple, sender: int, boxed: list) -> None:
-        self.mailbox.put(tuple(key), sender, boxed[0])
+            self.exchange = StoreExchange(rank, self._channel, wiring, self.device)
 
     def load(self, state: dict) -> None:
         self.student.load_state_dict(state)
@@ -113,6 +124,7 @@ class StudentWorker:
         batches = epoch_batches(self.dataset.num_train, cfg.batch_size, cfg.seed, epoch)
         waited, last_print = 0.0, time.monotonic()
         for step, idx in enumerate(batches):
+            self._steps_done = step
             step_started = time.perf_counter()
             idx = idx.to(self.device)
             images, labels = self.train_images[idx], self.train_labels[idx]
@@ -178,22 +190,26 @@ class ActorCohort:
         self.actors = [
             worker.options(
                 name=f"{cfg.method}-{cfg.name}-student-{k}{suffix}", num_cpus=cpus, num_gpus=gpus,
-                max_concurrency=4,  # deliver() runs while run_epoch() trains
+                max_concurrency=2,  # pid() and the like answer while run_epoch() trains
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=first_bundle + k),
             ).remote(k, arch, cfg.to_dict(), data_ref, int(max(1, cpus)))
             for k, arch in enumerate(cfg.archs)]
-        master = None
         if cfg.exchange == "collective":
-            master = self.gather([self.actors[0].rendezvous.remote()])[0]
-        self.gather([a.connect.remote(self.actors, cfg.exchange, master) for a in self.actors])
+            wiring = self.gather([self.actors[0].rendezvous.remote()])[0]
+        else:
+            wiring = self.call("open_channel", self.actors, self.call("node"))
+        self.call("connect", cfg.exchange, wiring)
 
-    def gather(self, futures: list) -> list:
-        """Results in member order; a dead actor raises MemberFailed within about a second."""
+    def gather(self, futures: list, every_second: Callable[[], None] | None = None) -> list:
+        """Results in member order; a dead actor raises MemberFailed within about a second.
+        `every_second` runs while waiting (progress)."""
         pending = {ref: k for k, ref in enumerate(futures)}
         results = {}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if every_second is not None and not ready:
+                every_second()
             for ref in ready:
                 k = pending.pop(ref)
                 try:
@@ -231,7 +247,7 @@ def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int
     """Train the cohort as Ray actors; returns the summary. `on_epoch(rows)` is called after
     every epoch's metrics are written (Ray Tune reports through it)."""
     run, dataset = prepare_run(cfg, dataset)   # all validation happens before Ray starts
-    connect()
+    connect(cfg.method, cfg.name)
     group = enclosing_group(cfg.students)
     if group is not None:
         spec = group.bundle_specs[1]
@@ -291,7 +307,15 @@ def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> list[dict]
     weights = None
     if needs_general_weights(cfg):
         weights = general_weights(cohort.call("predict", "val"), dataset.val_labels)
-    results = cohort.call("run_epoch", epoch, weights)
+    steps = len(epoch_batches(dataset.num_train, cfg.batch_size, cfg.seed, epoch))
+    with step_bar(steps, f"epoch {epoch + 1}", cfg.progress) as bar:
+        def show_progress():   # a terminal only: student 0's step count, asked once a second
+            if not bar.disable:
+                done, _ = ray.wait([cohort.actors[0].steps_done.remote()], timeout=0.5)
+                if done:
+                    bar.update(ray.get(done[0]) - bar.n)
+        results = cohort.gather([a.run_epoch.remote(epoch, weights) for a in cohort.actors],
+                                show_progress)
     rows = epoch_rows(cfg, epoch, results[0]["lr"], cohort.names, [r["stats"] for r in results],
                       [r["test_logits"] for r in results], dataset.test_labels,
                       time.perf_counter() - started)

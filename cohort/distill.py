@@ -159,8 +159,9 @@ def finished(stage_dir: Path, stage_cfg: StageConfig) -> bool:
     return True
 
 
-def run_chain(cfg: ChainConfig, dataset=None) -> dict:
-    """Validate, then train the chain stage by stage; returns the chain's summary."""
+def run_chain(cfg: ChainConfig, dataset=None, callbacks: list | None = None) -> dict:
+    """Validate, then train the chain stage by stage; returns the chain's summary.
+    `callbacks` (Ray Train callbacks) watch the last stage only: the distilled student."""
     from .engine import load_cohort_data
 
     validate_chain(cfg)
@@ -189,7 +190,9 @@ def run_chain(cfg: ChainConfig, dataset=None) -> dict:
             continue
         stage_cfg = stage_config(cfg, index, teacher_path)
         stage_cfg.output = str(top.path / stage_name(index, arch))
-        summary = _train_stage(stage_cfg, dataset, run_train_job, cfg)
+        last = index == len(cfg.chain) - 1
+        summary = _train_stage(stage_cfg, dataset, run_train_job, cfg,
+                               callbacks if last else None)
         model_path = Path(stage_cfg.output) / MODEL_FILE
         acc = summary["members"]["student"]["final_test_acc"]
         stages.append(_stage_entry(index, arch, dataset, acc, "trained", str(model_path)))
@@ -207,7 +210,8 @@ def run_chain(cfg: ChainConfig, dataset=None) -> dict:
     return json.loads((top.path / "summary.json").read_text())
 
 
-def _train_stage(stage_cfg: StageConfig, dataset, run_train_job, cfg: ChainConfig) -> dict:
+def _train_stage(stage_cfg: StageConfig, dataset, run_train_job, cfg: ChainConfig,
+                 callbacks: list | None = None) -> dict:
     stage_dir = Path(stage_cfg.output)
     if (cfg.skip_trained or cfg.resume) and finished(stage_dir, stage_cfg):
         return json.loads((stage_dir / "summary.json").read_text())
@@ -220,7 +224,7 @@ def _train_stage(stage_cfg: StageConfig, dataset, run_train_job, cfg: ChainConfi
     if stage_cfg.teacher:
         teacher = read_plain_model(stage_cfg.teacher, dataset.num_classes, dataset.in_channels,
                                    "--teacher-checkpoint")
-    return run_train_job(PlainTask(stage_cfg, teacher), stage_cfg, run, dataset)
+    return run_train_job(PlainTask(stage_cfg, teacher), stage_cfg, run, dataset, callbacks)
 
 
 def _stage_rows(stage_dir: Path, name: str) -> list[dict]:
@@ -324,14 +328,16 @@ def chain_config(args: argparse.Namespace, method: str, chain: list[str]) -> Cha
         max_failures=args.max_failures)
 
 
-def run_kd_job(args: argparse.Namespace) -> dict:
-    """The teacher arch comes from --teacher, or from the --teacher-checkpoint file itself."""
+def kd_config(args: argparse.Namespace) -> ChainConfig:
+    """A KD chain of two; the teacher arch comes from --teacher or the --teacher-checkpoint file."""
     if not (args.teacher or args.teacher_checkpoint):
         raise UsageError("--teacher", "give a teacher arch (--teacher) or a model file (--teacher-checkpoint)")
-    teacher = args.teacher
-    if not teacher:
-        teacher = read_arch(args.teacher_checkpoint)
-    return run_chain(chain_config(args, "kd", [teacher, args.student]))
+    teacher = args.teacher or read_arch(args.teacher_checkpoint)
+    return chain_config(args, "kd", [teacher, args.student])
+
+
+def run_kd_job(args: argparse.Namespace) -> dict:
+    return run_chain(kd_config(args))
 
 
 def run_takd_job(args: argparse.Namespace) -> dict:

@@ -190,9 +190,10 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 # ---- running --------------------------------------------------------------------------------
-def run_one(cfg: OneConfig, dataset: Dataset | None = None, task: TrainTask | None = None) -> dict:
+def run_one(cfg: OneConfig, dataset: Dataset | None = None, task: TrainTask | None = None,
+            callbacks: list | None = None) -> dict:
     """Validate, then train ONE on Ray Train; returns the summary. Nothing starts (no Ray, no
-    files) until every setting has been checked."""
+    files) until every setting has been checked. `callbacks`: extra Ray Train callbacks."""
     from .engine import load_cohort_data
     from .runs import RunDir
 
@@ -201,7 +202,7 @@ def run_one(cfg: OneConfig, dataset: Dataset | None = None, task: TrainTask | No
     validate_against_data(cfg, dataset)
     run = RunDir.plan(cfg.output, cfg.to_dict(), resume=cfg.resume, overwrite=cfg.overwrite)
     from .train_loop import run_train_job   # imports Ray
-    return run_train_job(task or OneTask(cfg), cfg, run, dataset)
+    return run_train_job(task or OneTask(cfg), cfg, run, dataset, callbacks)
 
 
 def add_one_flags(p: argparse.ArgumentParser) -> None:

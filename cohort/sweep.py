@@ -38,7 +38,7 @@ and first reports the epochs it already has, so Tune and ASHA see every epoch on
 from __future__ import annotations
 
 import argparse
-import inspect
+import importlib
 import itertools
 import json
 import math
@@ -65,13 +65,12 @@ CONTROLLED = {
     "runtime": "sweep trials always run as Ray actors",
     "startup_timeout": "trials wait for their placement group in Tune",
 }
-ONE_HOOK = "callbacks"   # run_one's keyword that takes Ray Train callbacks
 
 
 # ---- methods ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepMethod:
-    """How a sweep runs one method. `unavailable` (a reason) marks a method not there yet."""
+    """How a sweep runs one method."""
     name: str
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None
     build: Callable[[argparse.Namespace], Any] | None = None        # fixed + searched flags -> config
@@ -82,7 +81,8 @@ class SweepMethod:
     unit_gpus: str = "gpus_per_student"
     member: str = "student"          # what the per-member metric rows are called
     nested: bool = True              # True: the units live in bundles of the trial's placement group
-    unavailable: Callable[[], str | None] = lambda: None
+    # the trial's run directory -> the run directory whose metrics and checkpoints it reports
+    history: Callable[[Path], Path] = lambda run_dir: run_dir
 
 
 def _cohort_method(name: str) -> SweepMethod:
@@ -105,42 +105,39 @@ def _cohort_method(name: str) -> SweepMethod:
     return SweepMethod(name, add_flags, build, validate, run)
 
 
-def _one_unavailable() -> str | None:
-    from .one import run_one
-    if ONE_HOOK not in inspect.signature(run_one).parameters:
-        return ("ONE sweeps are not available yet: cohort.one.run_one takes no Ray Train "
-                f"`{ONE_HOOK}` to forward per-epoch metrics to Tune")
-    return None
+def _last_stage(run_dir: Path) -> Path:
+    """A KD trial's chain reports its last stage, the distilled student (RUN/stage1-ARCH)."""
+    from .distill import stage_name
+    config = run_dir / "config.json"
+    if not config.exists():
+        return run_dir / "not-started"
+    chain = json.loads(config.read_text())["chain"]
+    return run_dir / stage_name(len(chain) - 1, chain[-1])
 
 
-def _one_method() -> SweepMethod:
-    def add_flags(p):
-        from .one import add_one_flags
-        add_one_flags(p)
+def _train_method(name: str, module: str, add_flags: str, build: str, validate: str,
+                  runner: str, member: str, history=lambda run_dir: run_dir) -> SweepMethod:
+    """A method that runs as Ray Train job(s): ONE, or a KD chain (its last stage, the student,
+    is what the trial reports). `runner(cfg, callbacks=...)` takes the Tune forwarder. Ray Train
+    reserves each trial's workers itself, so the trials are not nested (see _concurrency)."""
+    def attr(function: str):   # imported lazily: the sweep's flags load before Ray does
+        return getattr(importlib.import_module(f"cohort.{module}"), function)
 
-    def build(args):
-        from .one import one_config
-        return one_config(args)
-
-    def validate(cfg):
-        from .one import validate_one
-        validate_one(cfg)
-
-    def run(cfg, args, on_epoch):
-        from .one import run_one
-        return run_one(cfg, **{ONE_HOOK: [_tune_forwarder()]})
-
-    return SweepMethod("one", add_flags, build, validate, run, units="workers",
-                       unit_cpus="cpus_per_worker", unit_gpus="gpus_per_worker", member="branch",
-                       nested=False, unavailable=_one_unavailable)
+    return SweepMethod(
+        name, add_flags=lambda p: attr(add_flags)(p), build=lambda a: attr(build)(a),
+        validate=lambda c: attr(validate)(c),
+        run=lambda cfg, args, on_epoch: attr(runner)(cfg, callbacks=[_tune_forwarder()]),
+        units="workers", unit_cpus="cpus_per_worker", unit_gpus="gpus_per_worker",
+        member=member, nested=False, history=history)
 
 
 SWEEP_METHODS: dict[str, SweepMethod] = {
     "dml": _cohort_method("dml"),
     "kdcl": _cohort_method("kdcl"),
-    "one": _one_method(),
-    "kd": SweepMethod("kd", unavailable=lambda: "KD sweeps are not available yet: KD (issue 5) "
-                                                "has no job to run"),
+    "one": _train_method("one", "one", "add_one_flags", "one_config", "validate_one", "run_one",
+                         member="branch"),
+    "kd": _train_method("kd", "distill", "add_kd_flags", "kd_config", "validate_chain",
+                        "run_chain", member="student", history=_last_stage),
 }
 
 
@@ -173,12 +170,14 @@ def epoch_metrics(rows: list[dict]) -> dict:
     return out
 
 
-def metric_names(method: SweepMethod, units: int) -> list[str]:
-    """Metrics a method reports for a trial with `units` members."""
-    if method.member == "branch":
+def metric_names(method: SweepMethod, cfg) -> list[str]:
+    """Metrics a trial with config `cfg` reports (see epoch_metrics)."""
+    if method.name == "one":
         return (["best_branch", "best_student", "mean_branch", "mean_student", "ensemble", "average"]
-                + [f"branch{i}" for i in range(units)])
-    return ["best_student", "mean_student", "ensemble"] + [f"student{k}" for k in range(units)]
+                + [f"branch{i}" for i in range(cfg.branches)])
+    if method.name == "kd":   # the distilled student of the chain's last stage
+        return ["best_student", "mean_student", "student"]
+    return ["best_student", "mean_student", "ensemble"] + [f"student{k}" for k in range(cfg.students)]
 
 
 def _tune_forwarder():
@@ -401,9 +400,6 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     if args.method is None:
         raise UsageError("--method", f"required: one of {', '.join(SWEEP_METHODS)}")
     method = SWEEP_METHODS[args.method]
-    reason = method.unavailable()
-    if reason:
-        raise UsageError("--method", reason)
     fixed = list(getattr(args, "fixed", None) or [])
     grid, sample = load_space(args.method, args.space) if args.space else ({}, {})
     for text in args.grid:
@@ -462,8 +458,8 @@ def check_trials(spec: SweepSpec) -> list:
         cfg = method.build(args)
         method.validate(cfg)
         configs.append(cfg)
-    units = min(getattr(c, method.units) for c in configs)
-    allowed = metric_names(method, units)
+    allowed = [m for m in metric_names(method, configs[0])
+               if all(m in metric_names(method, c) for c in configs)]
     if spec.metric not in allowed:
         raise UsageError("--metric", f"{spec.metric!r} is not one of: {', '.join(allowed)}")
     if spec.scheduler == "asha":
@@ -573,7 +569,7 @@ def run_trial(config: dict, spec: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dir = sweep.path / RUNS_DIR / trial_id
     cfg, args = trial_config(sweep, config, run_dir, f"{sweep.name}-{trial_id}")
-    done, history = stored_epochs(run_dir)
+    done, history = stored_epochs(method.history(run_dir))
     if done:                       # a restarted trial: continue its run, replay what Tune lost
         cfg.resume = True
         for rows in history:
@@ -658,9 +654,6 @@ def _resumed_spec(args: argparse.Namespace) -> SweepSpec:
         if diffs:
             raise UsageError("--resume", "these settings differ from the stored sweep's: "
                                          + ", ".join(diffs) + " (leave them out to resume as stored)")
-    reason = SWEEP_METHODS[stored.method].unavailable()
-    if reason:
-        raise UsageError("--method", reason)
     return stored
 
 
@@ -674,7 +667,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
     if not resume and (path / SPEC_FILE).exists():
         raise UsageError("--name", f"{path} holds a sweep already: pass --resume to continue it, "
                                    "or choose another --name or --storage")
-    connect()
+    connect(f"sweep-{spec.method}", spec.name)
     spec.resources = resolve_resources(spec)
     concurrency = _concurrency(spec)
     path.mkdir(parents=True, exist_ok=True)
@@ -727,15 +720,15 @@ def collect_results(spec: SweepSpec) -> dict:
     path = spec.path
     analysis = ExperimentAnalysis(str(path), default_metric=spec.metric, default_mode="max")
     searched = list(spec.grid) + list(spec.sample)
-    keys = ["best_student", "mean_student", "ensemble"]
-    if SWEEP_METHODS[spec.method].member == "branch":
-        keys += ["average"]
+    method = SWEEP_METHODS[spec.method]
+    reported = metric_names(method, check_trials(spec)[0])
+    keys = [k for k in ("best_student", "mean_student", "ensemble", "average") if k in reported]
     if spec.metric not in keys:
         keys.append(spec.metric)
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         run_dir = path / RUNS_DIR / trial.trial_id
-        history = _trial_epochs(run_dir)
+        history = _trial_epochs(method.history(run_dir))
         config_file = run_dir / "config.json"
         epochs = (json.loads(config_file.read_text())["epochs"] if config_file.exists()
                   else trial.config.get("epochs", 0))

@@ -36,12 +36,16 @@ class Telemetry:
         self.every = every_seconds
         self._last = 0.0
         self._window = [0.0, 0.0, 0.0, 0.0, 0]  # loss, step s, exchange s, images, steps
+        self._exchanges = False   # a Train worker has no logit exchange: its gauge stays unset
 
-    def step(self, loss: float, step_seconds: float, exchange_seconds: float, images: int) -> None:
+    def step(self, loss: float, step_seconds: float, exchange_seconds: float | None,
+             images: int) -> None:
         w = self._window
         w[0] += loss
         w[1] += step_seconds
-        w[2] += exchange_seconds
+        if exchange_seconds is not None:
+            w[2] += exchange_seconds
+            self._exchanges = True
         w[3] += images
         w[4] += 1
         now = time.monotonic()
@@ -53,8 +57,9 @@ class Telemetry:
         loss, step_s, exchange_s, images, steps = self._window
         if steps:
             self.set(train_loss=loss / steps, step_seconds=step_s / steps,
-                     exchange_seconds=exchange_s / steps,
                      images_per_second=images / max(step_s, 1e-9))
+            if self._exchanges:
+                self.set(exchange_seconds=exchange_s / steps)
         self._window = [0.0, 0.0, 0.0, 0.0, 0]
 
     def set(self, **values: float) -> None:

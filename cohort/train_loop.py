@@ -65,10 +65,11 @@ from .runs import RunDir, latest_checkpoint, load_checkpoint_file, summarize, wr
 from .student import VIEW_STREAM, DataSpec, _to_cpu
 from .sync_bn import synchronise_batchnorm
 from .task import EpochContext, EvalSet, TrainJobConfig, TrainTask
+from .telemetry import Telemetry
 
 STORAGE_NAME = "checkpoints"      # Ray Train's run name: its folder is RUN/checkpoints
 STATE_FILE = "train_state"        # RUN/checkpoints/epoch-NNNN/train_state.pt
-PROGRESS_SECONDS = 30.0
+PROGRESS_SECONDS = 10.0
 
 
 # ---- resources ------------------------------------------------------------------------------
@@ -93,11 +94,13 @@ def worker_resources(cfg: TrainJobConfig) -> tuple[float, float]:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def run_train_job(task: TrainTask, cfg: TrainJobConfig, run: RunDir, dataset: Dataset) -> dict:
+def run_train_job(task: TrainTask, cfg: TrainJobConfig, run: RunDir, dataset: Dataset,
+                  callbacks: list | None = None) -> dict:
     """Train `task` as a Ray Train job writing the run directory `run` (planned, not started);
-    returns the summary. Raises ResourceError before writing anything when the cluster is too
+    returns the summary. `callbacks` are extra Ray Train UserCallbacks (a sweep's forwarder of
+    rank 0's rows to Tune). Raises ResourceError before writing anything when the cluster is too
     small, TrainingDiverged on a non-finite loss, ray.train.TrainingFailedError otherwise."""
-    connect()
+    connect(cfg.method, cfg.name)
     cpus, gpus = worker_resources(cfg)
     run.path = run.path.resolve()   # workers and the controller have other working directories
     latest = latest_checkpoint(run.path) if cfg.resume else None
@@ -116,7 +119,7 @@ def run_train_job(task: TrainTask, cfg: TrainJobConfig, run: RunDir, dataset: Da
             name=STORAGE_NAME, storage_path=str(run.path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[writer], logging_config=LoggingConfig(log_level="WARNING")),
+            callbacks=[writer, *(callbacks or [])], logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()
@@ -218,6 +221,7 @@ def _worker_loop(config: dict) -> None:
     test = EvalSet(dataset.test_images, dataset.test_labels, spec, device, cfg.eval_batch_size)
     share = cfg.batch_size // world
     mine = slice(rank * share, (rank + 1) * share)
+    telemetry = Telemetry(cfg.name, cfg.method, f"worker{rank}")   # live gauges per worker
     for epoch in range(start, cfg.epochs):
         started = time.perf_counter()
         lr = learning_rate(cfg.lr, cfg.schedule, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
@@ -229,6 +233,7 @@ def _worker_loop(config: dict) -> None:
             batches = batches[:cfg.steps_per_epoch]
         names, sums, last_print = None, None, time.monotonic()
         for step, idx in enumerate(batches):
+            step_started = time.perf_counter()
             idx = idx.to(device)
             seed = derive_seed(cfg.seed, VIEW_STREAM, 0, epoch, step)
             views = augment_batch(images[idx], seed=seed, padding=spec.crop_padding,
@@ -245,6 +250,7 @@ def _worker_loop(config: dict) -> None:
                 sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
             sums += torch.stack([stats[n].detach().double() for n in names]
                                 + [torch.ones((), dtype=torch.float64, device=device)]) * share
+            telemetry.step(value, time.perf_counter() - step_started, None, share)
             if rank == 0 and cfg.progress and time.monotonic() - last_print > PROGRESS_SECONDS:
                 last_print = time.monotonic()
                 say(f"[{cfg.name}] epoch {epoch + 1} step {step + 1}/{len(batches)} loss {value:.3f}")
@@ -264,6 +270,11 @@ def _worker_loop(config: dict) -> None:
                       "epoch_seconds": time.perf_counter() - started,
                       "images_per_second": samples / max(train_seconds, 1e-9), **settings}
             rows = [{**common, **row} for row in rows]
+            for row in rows:   # live test accuracy per member (branch, ensemble, student)
+                Telemetry(cfg.name, cfg.method, str(row["member"])).set(
+                    epoch=epoch + 1, test_accuracy=row["test_acc"])
+        telemetry.flush()
+        telemetry.set(epoch=epoch + 1)
         report = {"epoch": epoch, "rows": rows} if rank == 0 else {"epoch": epoch}
         if not should_checkpoint(cfg, epoch):
             ray.train.report(report)

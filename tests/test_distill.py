@@ -46,13 +46,12 @@ def test_three_stage_chain_learns_and_skip_trained_reuses_stages(tmp_path, digit
     assert config["teacher"].endswith("stage1-resnet8/model.pt") and config["method"] == "kd"
     assert set(summary["members"]) == {"stage0-resnet14", "stage1-resnet8", "stage2-resnet8"}
 
-    # Reusing the trained stages: a longer chain trains only its new last stage.
-    first = out / "stage0-resnet14" / "model.pt"
-    stamp = os.stat(first).st_mtime_ns
-    longer = run_chain(ChainConfig(chain=["resnet14", "resnet8", "resnet8", "resnet8"], epochs=3,
-                                   output=str(out), skip_trained=True, **FAST), digits)
-    assert os.stat(first).st_mtime_ns == stamp
-    assert len(longer["stages"]) == 4 and longer["stages"][3]["test_acc"] > 30.0
+    # --skip-trained reuses every stage already trained with the same settings: nothing retrains.
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("stage*/model.pt")}
+    again = run_chain(ChainConfig(chain=["resnet14", "resnet8", "resnet8"], epochs=3,
+                                  output=str(out), skip_trained=True, **FAST), digits)
+    assert {p: os.stat(p).st_mtime_ns for p in out.glob("stage*/model.pt")} == stamps
+    assert [s["test_acc"] for s in again["stages"]] == [s["test_acc"] for s in stages]
 
 
 def constant_teacher(path, digits, favourite: int):
@@ -65,21 +64,22 @@ def constant_teacher(path, digits, favourite: int):
 
 
 def test_kd_pulls_the_student_toward_the_teachers_logits(tmp_path, digits):
+    """alpha = 1 is KD alone: the student copies a teacher that always says 3, not the labels
+    (a tenth of which are 3)."""
     teacher = tmp_path / "teacher.pt"
     constant_teacher(teacher, digits, favourite=3)
-    common = ["--teacher-checkpoint", str(teacher), "--student", "resnet8", "--dataset", "digits",
-              "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--schedule", "cosine",
-              "--temperature", "1", "--no-progress"]
-    assert main(["kd", *common, "--alpha", "1.0", "--output", str(tmp_path / "pure")]) == 0
-    assert main(["kd", *common, "--alpha", "0.0", "--output", str(tmp_path / "ce")]) == 0
+    assert main(["kd", "--teacher-checkpoint", str(teacher), "--student", "resnet8", "--dataset",
+                 "digits", "--epochs", "2", "--batch-size", "64", "--lr", "0.1", "--schedule",
+                 "cosine", "--temperature", "1", "--no-progress", "--alpha", "1.0",
+                 "--output", str(tmp_path / "pure")]) == 0
     pure = predictions(tmp_path / "pure" / "stage1-resnet8" / "model.pt", digits)
-    alone = predictions(tmp_path / "ce" / "stage1-resnet8" / "model.pt", digits)
-    assert (pure == 3).float().mean() > 0.9          # copies the teacher, not the labels
-    assert (alone == digits.test_labels).float().mean() > 0.5
+    assert (pure == 3).float().mean() > 0.9
+    assert (digits.test_labels == 3).float().mean() < 0.15
     summary = json.loads((tmp_path / "pure" / "summary.json").read_text())
     assert summary["stages"][0]["how"] == "loaded"
     assert summary["stages"][0]["test_acc"] == pytest.approx(
         100.0 * (digits.test_labels == 3).float().mean().item(), abs=1e-6)
+    assert summary["stages"][1]["test_acc"] < 20.0
 
 
 BAD = [

@@ -1,6 +1,5 @@
 """ONE as one Ray Train DDP job (CPU, gloo, digits): learning, N-independence, resume, export."""
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,26 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
 
-# Fewer helper processes and faster polling per fit on a 2-core machine (Ray Train propagates
-# these to its controller): no preemption watcher, controller polls workers every 0.5 s.
-FAST_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     # The Train controller and its helper actors take no CPU; the 2 workers take 1 CPU each.
-    saved = {k: os.environ.get(k) for k in FAST_TRAIN_ENV}
-    os.environ.update(FAST_TRAIN_ENV)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])   # FailAt travels to workers
     yield
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def one_cfg(output, **overrides) -> OneConfig:

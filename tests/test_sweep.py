@@ -139,6 +139,48 @@ def test_space_file_and_resume_mismatch(tmp_path, capsys):
     from cohort.sweep import SWEEP_METHODS, load_space
     grid, sample = load_space("dml", str(space))
     assert grid == {"temperature": [1.0, 2.0]} and sample == {"lr": ["loguniform", 0.01, 0.2]}
-    assert SWEEP_METHODS["kd"].unavailable()
     code = main(["sweep", "--resume", "--name", "nothing", "--storage", str(tmp_path)])
     assert code == 2 and "error: --resume: no restorable sweep" in capsys.readouterr().err
+
+
+# Ray Train trials: 1 worker, 3 steps of one epoch, so a trial is mostly Ray Train's start-up.
+TRAIN = ["--dataset", "digits", "--batch-size", "64", "--epochs", "1",
+         "--steps-per-epoch", "3", "--workers", "1", "--cpus-per-worker", "1", "--no-progress",
+         "--max-concurrent", "1"]
+
+
+def test_one_sweep_over_branch_counts(tmp_path):
+    """ONE trials run a TorchTrainer inside the Tune trainable; the branch count is searched
+    and each trial's rows (and the metric forwarded to Tune) have that many branches."""
+    code = main(["sweep", "--method", "one", "--arch", "resnet8", *TRAIN, "--rampup-epochs", "0",
+                 "--grid", "branches=2,3", "--metric", "best_branch", "--name", "one",
+                 "--storage", str(tmp_path)])
+    assert code == 0
+    rows = {r["branches"]: r for r in results(tmp_path / "one")}
+    assert sorted(rows) == [2, 3]
+    for branches, row in rows.items():
+        assert row["status"] == "completed" and row["epochs"] == 1
+        assert 0 < row["final_best_branch"] <= 100 and row["final_average"] is not None
+        members = {r["member"] for r in pq.read_table(Path(row["run_dir"]) / "metrics.parquet").to_pylist()}
+        assert members == {f"branch{i}" for i in range(branches)} | {"ensemble", "average"}
+    best = json.loads((tmp_path / "one" / "best.json").read_text())
+    assert best["metric"] == "best_branch" and best["params"]["branches"] in (2, 3)
+
+
+def test_kd_sweep_reports_the_student_stage(tmp_path):
+    """A KD trial distils a given teacher file with the searched temperature (one trial: the
+    grid machinery is the DML tests'); Tune and results.parquet see the student stage."""
+    from cohort.export import save_plain_model
+    from cohort.models import build_model
+    teacher = tmp_path / "teacher.pt"
+    save_plain_model(teacher, "resnet8", 10, 1, build_model("resnet8", 10, 1).state_dict())
+    code = main(["sweep", "--method", "kd", "--teacher-checkpoint", str(teacher),
+                 "--student", "resnet8", *TRAIN, "--grid", "temperature=2",
+                 "--metric", "student", "--name", "kd", "--storage", str(tmp_path)])
+    assert code == 0
+    rows = results(tmp_path / "kd")
+    assert [r["temperature"] for r in rows] == [2.0]
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == 1 and row["final_student"] > 0
+        stage = json.loads((Path(row["run_dir"]) / "stage1-resnet8" / "config.json").read_text())
+        assert stage["temperature"] == row["temperature"] and stage["teacher"] == str(teacher)
