@@ -27,6 +27,16 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def proc_memory(pid: int) -> dict:
+    """Current and peak resident set size of a process, from /proc (bytes)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 def machine(device: str = "cpu") -> dict:
     import torch
     info = {

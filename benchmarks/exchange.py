@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from common import finish, machine, median, parser, percentile, start_ray, table
+from common import finish, machine, median, parser, percentile, proc_memory, start_ray, table
 
 B, C = 128, 100
 
@@ -195,16 +195,6 @@ class Peer:
         return proc_memory(os.getpid())
 
 
-def proc_memory(pid: int) -> dict:
-    """Current and peak resident set size of a process, from /proc (bytes)."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 def start_peers(ray, world: int, device: str, gpus: float):
     actor = ray.remote(Peer)
     peers = [actor.options(num_cpus=0, num_gpus=gpus, max_concurrency=4).remote(r, world, device)
@@ -323,7 +313,7 @@ def main() -> None:
                     "exposed exchange inside real DML training steps (run_ray, synthetic 32x32)"))
     store_vs_bare = {r["K"]: r["vs_bare"] for r in lat_rows if r["transport"] == "store"}
     worst_exposed = max((r["exposed_pct"] for r in exposed_rows), default=float("nan"))
-    print(f"\nstore / bare all_gather: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in store_vs_bare.items())
+    print("\nstore / bare all_gather: " + ", ".join(f"K={k}: {v:.2f}x" for k, v in store_vs_bare.items())
           + " (target <= 1.0)")
     if exposed_rows:
         print(f"exposed exchange: worst {worst_exposed:.2f}% of step time (target < 5%)")

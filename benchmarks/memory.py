@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import finish, machine, parser, start_ray, table
+from common import finish, machine, parser, proc_memory, start_ray, table
 
 B, C = 128, 100
 MiB = 1024 * 1024
@@ -37,15 +37,6 @@ def store_stats() -> dict:
     reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
     return {"bytes_used": int(reply.store_stats.object_store_bytes_used),
             "objects": int(reply.store_stats.num_local_objects)}
-
-
-def proc_memory(pid: int) -> dict:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
 
 
 # ---- part 1: a real cohort ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .config import COHORT_METHODS, EXCHANGES, KDCL_VARIANTS, PLACEMENTS, VIEWS, CohortConfig
+from .config import EXCHANGES, KDCL_VARIANTS, PLACEMENTS, VIEWS, CohortConfig
 from .data import DATASETS, DataError
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .distill import add_kd_flags, add_takd_flags, run_kd_job, run_takd_job

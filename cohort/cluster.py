@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -33,6 +34,18 @@ def connect(method: str = "", run: str = "", address: str | None = None):
 def cluster_totals() -> dict[str, float]:
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def unit_resources(units: int, cpus: float, gpus: float, use_gpus: bool = True) -> tuple[float, float]:
+    """(CPUs, GPUs) for each of `units` actors or Train workers; -1 means the default: one GPU
+    each (and one CPU) on a GPU cluster unless `use_gpus` is off, else the cluster's CPUs shared
+    out among the units, fractions allowed, so K students fit a laptop."""
+    totals = cluster_totals()
+    if gpus < 0:
+        gpus = 1.0 if totals["GPU"] > 0 and use_gpus else 0.0
+    if cpus <= 0:
+        cpus = 1.0 if gpus > 0 else max(0.01, math.floor(100 * totals["CPU"] / units) / 100)
+    return float(cpus), float(gpus)
 
 
 def describe(resources: dict[str, float]) -> str:

@@ -11,13 +11,12 @@ import time
 import warnings
 from typing import Callable
 
-import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .cluster import bundle, cluster_totals, connect, reserve
+from .cluster import bundle, connect, reserve, unit_resources
 from .config import CohortConfig
 from .data import Dataset, epoch_batches
 from .errors import TrainingDiverged
@@ -167,15 +166,8 @@ class StudentWorker:
 # ---- the driver -------------------------------------------------------------------------
 def student_resources(cfg: CohortConfig) -> tuple[float, float]:
     """(CPUs, GPUs) per student: one GPU each on a GPU cluster, else the CPUs shared out."""
-    totals = cluster_totals()
-    gpus = cfg.gpus_per_student if cfg.gpus_per_student >= 0 else (1.0 if totals["GPU"] > 0 else 0.0)
-    if cfg.cpus_per_student > 0:
-        cpus = cfg.cpus_per_student
-    elif gpus > 0:
-        cpus = 1.0
-    else:
-        cpus = max(0.01, np.floor(100 * totals["CPU"] / cfg.students) / 100)
-    return float(cpus), float(gpus)
+    return unit_resources(cfg.students, cfg.cpus_per_student, cfg.gpus_per_student,
+                          use_gpus=cfg.device != "cpu")
 
 
 class ActorCohort:

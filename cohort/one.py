@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 
 from .config import check, choice, validate_against_data, validate_train_job
 from .data import Dataset, derive_seed
+from .export import atomic_torch_save
 from .losses import one_ensemble_logits, one_loss, soft_kl
 from .metrics import accuracy_and_loss, ensemble_metrics
 from .models import MODEL_NAMES, build_one
@@ -172,21 +171,10 @@ class OneTask(TrainTask):
         export = {"arch": best["arch"], "num_classes": best["num_classes"],
                   "in_channels": best["in_channels"], "model": best["model"],
                   "branch": best["branch"], "epoch": best["epoch"], "test_acc": best["test_acc"]}
-        _atomic_torch_save(export, Path(run_path) / "best_student.pt")
+        atomic_torch_save(export, Path(run_path) / "best_student.pt")
         return {"best_student": {"member": f"branch{best['branch']}", "epoch": best["epoch"],
                                  "test_acc": best["test_acc"], "arch": best["arch"],
                                  "path": "best_student.pt"}}
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- running --------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import importlib
 import itertools
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -54,7 +54,7 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
-from .cluster import ResourceError, cluster_totals, connect, describe
+from .cluster import ResourceError, cluster_totals, connect, describe, unit_resources
 from .cohort import dataset_arrays, dataset_from_arrays
 from .data import Dataset, augment_batch, derive_seed, epoch_batches
 from .engine import should_checkpoint
@@ -76,16 +76,8 @@ PROGRESS_SECONDS = 10.0
 def worker_resources(cfg: TrainJobConfig) -> tuple[float, float]:
     """(CPUs, GPUs) per worker, after checking that the cluster can hold N of them at all."""
     totals = cluster_totals()
-    if cfg.gpus_per_worker >= 0:
-        gpus = cfg.gpus_per_worker
-    else:
-        gpus = 1.0 if totals["GPU"] > 0 and cfg.device != "cpu" else 0.0
-    if cfg.cpus_per_worker > 0:
-        cpus = cfg.cpus_per_worker
-    elif gpus > 0:
-        cpus = 1.0
-    else:
-        cpus = max(0.01, math.floor(100 * totals["CPU"] / cfg.workers) / 100)
+    cpus, gpus = unit_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
+                                use_gpus=cfg.device != "cpu")
     asked = {"CPU": cpus * cfg.workers, "GPU": gpus * cfg.workers}
     if any(asked[k] > totals[k] + 1e-9 for k in asked):
         raise ResourceError(f"{cfg.workers} workers ask for {describe(asked)} "
@@ -260,7 +252,7 @@ def _worker_loop(config: dict) -> None:
         train = {n: v / samples for n, v in zip(names, sums[:-1].tolist())}
         train_seconds = time.perf_counter() - started
 
-        rows, checkpoint_dir = None, None
+        rows = None
         if rank == 0:
             model.eval()
             with torch.no_grad():

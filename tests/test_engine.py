@@ -10,7 +10,7 @@ from cohort import losses
 from cohort.engine import run_local, train_step
 from cohort.errors import UsageError
 from cohort.methods import get_method
-from cohort.runs import RunDir, read_checkpoint, latest_checkpoint
+from cohort.runs import read_checkpoint, latest_checkpoint
 from cohort.student import DataSpec, Student
 from conftest import tiny_cohort
 

@@ -12,6 +12,8 @@ import torch
 from ray import cloudpickle
 
 from cohort.cli import main
+from cohort.cluster import ResourceError
+from cohort.errors import TrainingDiverged
 from cohort.data import normalize_batch
 from cohort.metrics import accuracy_and_loss
 from cohort.models import build_model
@@ -61,6 +63,23 @@ class FailAt(OneTask):
                 marker.touch()
                 raise RuntimeError(f"injected one-time failure at epoch {epoch}")
         return super().begin_epoch(epoch)
+
+
+class NanAt(OneTask):
+    """The loss turns NaN at one (epoch, step): a diverging run."""
+
+    def __init__(self, cfg, epoch, step):
+        super().__init__(cfg)
+        self.nan_at, self.epoch, self.step = (epoch, step), 0, 0
+
+    def begin_epoch(self, epoch):
+        self.epoch, self.step = epoch, 0
+        return super().begin_epoch(epoch)
+
+    def loss(self, model, images, labels):
+        loss, stats = super().loss(model, images, labels)
+        here, self.step = (self.epoch, self.step), self.step + 1
+        return (loss * float("nan") if here == self.nan_at else loss), stats
 
 
 def rows_of(run_dir):
@@ -141,6 +160,21 @@ def test_two_workers_compute_what_one_worker_computes(tmp_path, digits):
         for column in ("train_loss", "train_ce", "train_kd"):
             if a.get(column) is not None:
                 assert a[column] == pytest.approx(b[column], rel=1e-4, abs=1e-6), column
+
+
+def test_nan_loss_stops_naming_member_epoch_and_step_and_keeps_the_checkpoint(tmp_path, digits):
+    cfg = one_cfg(tmp_path / "nan", workers=1, epochs=2, steps_per_epoch=3, rampup_epochs=0)
+    with pytest.raises(TrainingDiverged, match=r"'one \(rank 0\)' at epoch 1, step 2"):
+        run_one(cfg, digits, task=NanAt(cfg, epoch=1, step=2))
+    assert read_checkpoint(latest_checkpoint(tmp_path / "nan"))[0]["epochs_completed"] == 1
+    assert {r["epoch"] for r in rows_of(tmp_path / "nan")} == {0}
+
+
+def test_more_gpus_than_the_cluster_has_fails_before_anything(tmp_path, digits):
+    out = tmp_path / "gpu"
+    with pytest.raises(ResourceError, match=r"2 workers ask for CPU 2, GPU 2 .*cluster has CPU 2, GPU 0"):
+        run_one(one_cfg(out, gpus_per_worker=1), digits)
+    assert not out.exists()
 
 
 BAD_FLAGS = [

@@ -136,7 +136,7 @@ def test_sweep_bigger_than_the_cluster_fails_fast(tmp_path, capsys):
 def test_space_file_and_resume_mismatch(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text("grid:\n  temperature: [1, 2]\nsample:\n  lr: loguniform:0.01:0.2\n")
-    from cohort.sweep import SWEEP_METHODS, load_space
+    from cohort.sweep import load_space
     grid, sample = load_space("dml", str(space))
     assert grid == {"temperature": [1.0, 2.0]} and sample == {"lr": ["loguniform", 0.01, 0.2]}
     code = main(["sweep", "--resume", "--name", "nothing", "--storage", str(tmp_path)])
