@@ -139,7 +139,8 @@ def test_live_metrics_reach_the_prometheus_endpoint(tmp_path, digits):
     while time.time() < deadline:
         found = {(name, tags.get("member")): value for name, tags, value in scrape(METRICS_PORT)
                  if tags.get("run") == "metricsrun" and tags.get("method") == "dml"}
-        if ("ray_cohort_test_accuracy", "student1") in found and ("ray_cohort_epoch", "ensemble") in found:
+        # gauges are exported every few seconds: wait for the last epoch's values
+        if ("ray_cohort_test_accuracy", "student1") in found and found.get(("ray_cohort_epoch", "ensemble")) == 2.0:
             break
         time.sleep(2)
     for member in ("student0", "student1"):
