@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from .config import EXCHANGES, KDCL_VARIANTS, PLACEMENTS, VIEWS, CohortConfig
 from .data import DATASETS, DataError
-from .errors import CheckpointError, TrainingDiverged, UsageError
+from .errors import CheckpointError, RunFailed, TrainingDiverged, UsageError
 from .distill import add_kd_flags, add_takd_flags, run_kd_job, run_takd_job
 from .one import add_one_flags, run_one_job
 from .optim import SCHEDULES
@@ -123,6 +123,8 @@ def cohort_config(args: argparse.Namespace, method: str) -> CohortConfig:
 
 def run_cohort_job(args: argparse.Namespace, method: str) -> dict:
     cfg = cohort_config(args, method)
+    if args.max_restarts < 0:
+        raise UsageError("--max-restarts", f"must be >= 0 (got {args.max_restarts})")
     if args.runtime == "local":
         from .engine import run_local
         return run_local(cfg)
@@ -168,7 +170,7 @@ def run_guarded(job: Callable[[], object]) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ResourceError, TrainingDiverged) as exc:
+    except (ResourceError, TrainingDiverged, RunFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if isinstance(result, dict):

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .cluster import bundle, connect, reserve, unit_resources
 from .config import CohortConfig
 from .data import Dataset, epoch_batches
-from .errors import TrainingDiverged
+from .errors import RunFailed, TrainingDiverged
 from .engine import (epoch_rows, general_weights, prepare_run, restore_point, run_summary,
                      should_checkpoint)
 from .exchange import CollectiveExchange, StoreExchange
@@ -173,12 +173,14 @@ def student_resources(cfg: CohortConfig) -> tuple[float, float]:
 class ActorCohort:
     """The K actors of one attempt (a restart makes a new one)."""
 
+    worker_class = StudentWorker   # the actor's class (tests inject faults with a subclass)
+
     def __init__(self, cfg: CohortConfig, data_ref, group, first_bundle: int, cpus: float,
                  gpus: float, attempt: int):
         self.cfg = cfg
         self.names = cfg.member_names
         suffix = f"-r{attempt}" if attempt else ""
-        worker = ray.remote(StudentWorker)
+        worker = ray.remote(self.worker_class)
         self.actors = [
             worker.options(
                 name=f"{cfg.method}-{cfg.name}-student-{k}{suffix}", num_cpus=cpus, num_gpus=gpus,
@@ -260,10 +262,12 @@ def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int
 
 
 def _restore(cfg, run, cohort: ActorCohort) -> int:
-    if latest_checkpoint(run.path) is None:
-        return 0
-    epoch, states = restore_point(run)
-    cohort.load(states)
+    """Load the latest checkpoint into the cohort (fresh students when there is none yet) and
+    forget the rows of the epochs it will train again."""
+    epoch = 0
+    if latest_checkpoint(run.path) is not None:
+        epoch, states = restore_point(run)
+        cohort.load(states)
     run.truncate_metrics(epoch)
     return epoch
 
@@ -282,7 +286,10 @@ def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> di
             except MemberFailed as failure:
                 attempt += 1
                 if attempt > max_restarts:
-                    raise
+                    raise RunFailed(
+                        f"{failure.member}'s actor died in epoch {epoch + 1} and --max-restarts "
+                        f"{max_restarts} is used up; the run directory keeps its last checkpoint "
+                        "(rerun with --resume to continue)") from failure
                 say(f"[{cfg.name}] {failure.member}'s actor died in epoch {epoch + 1}; "
                     f"restarting the cohort from its last checkpoint (restart {attempt}/{max_restarts})")
                 cohort.shutdown()

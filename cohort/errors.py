@@ -24,3 +24,7 @@ class TrainingDiverged(RuntimeError):
 
     def __reduce__(self):   # picklable, so it crosses process boundaries (Ray workers, actors)
         return (type(self), (self.member, self.epoch, self.step, self.value))
+
+
+class RunFailed(RuntimeError):
+    """A run that gave up (a member kept failing past --max-restarts); one line, exit code 1."""

@@ -34,3 +34,33 @@ def tiny_cohort(output, **overrides):
                     output=str(output), progress=False, device="cpu")
     settings.update(overrides)
     return CohortConfig(**settings)
+
+
+def small(dataset, train: int = 448, test: int = 256):
+    """The first `train` training and `test` test images of a dataset (its validation split
+    kept): the equivalence and recovery tests need exact numbers, not learning."""
+    import dataclasses
+    return dataclasses.replace(dataset, train_images=dataset.train_images[:train],
+                               train_labels=dataset.train_labels[:train],
+                               test_images=dataset.test_images[:test],
+                               test_labels=dataset.test_labels[:test])
+
+
+# Columns that measure time, not training: they differ between any two runs.
+TIMING_COLUMNS = frozenset({"epoch_seconds", "train_seconds", "images_per_second", "exchange_seconds"})
+
+
+def numbers_of(rows):
+    """Metric rows without their timing columns."""
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
+
+
+def assert_states_equal(a, b):
+    """Two checkpoints' member states, bit for bit: models and optimizer momenta."""
+    assert set(a) == set(b)
+    for name in a:
+        for key, value in a[name]["model"].items():
+            assert torch.equal(value, b[name]["model"][key]), (name, key)
+        for slot, state in a[name]["optimizer"]["state"].items():
+            other = b[name]["optimizer"]["state"][slot]
+            assert all(torch.equal(v, other[k]) for k, v in state.items()), (name, slot)

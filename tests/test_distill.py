@@ -82,6 +82,68 @@ def test_kd_pulls_the_student_toward_the_teachers_logits(tmp_path, digits):
     assert summary["stages"][1]["test_acc"] < 20.0
 
 
+def test_kd_teacher_sees_the_students_augmented_batch_in_eval_mode_without_grad(digits):
+    """PlainTask.loss, as the Train loop calls it on one augmented batch: the teacher gets the
+    very tensor the student gets, runs in eval mode (BatchNorm statistics untouched) and
+    builds no autograd graph; the loss is kd_loss of the two outputs."""
+    from cohort.data import augment_batch
+    from cohort.distill import PlainTask, StageConfig
+    from cohort.losses import kd_loss
+    from cohort.student import DataSpec
+
+    spec = DataSpec.of(digits)
+    teacher_net = build_model("resnet8", 10, 1)
+    with torch.no_grad():   # non-trivial BatchNorm statistics, so a change would show
+        for module in teacher_net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    payload = {"arch": "resnet8", "num_classes": 10, "in_channels": 1,
+               "model": {k: v.clone() for k, v in teacher_net.state_dict().items()}}
+    cfg = StageConfig(arch="resnet8", stage=1, teacher="teacher.pt", temperature=4.0, alpha=0.9,
+                      dataset="digits", batch_size=32, progress=False)
+    task = PlainTask(cfg, payload)
+    student = task.build_model(spec)
+    task.setup(spec, torch.device("cpu"))
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+
+    seen = {}
+
+    def spy(name):
+        def hook(module, inputs, output):
+            seen[name] = {"input": inputs[0], "output": output, "training": module.training,
+                          "grad_enabled": torch.is_grad_enabled(),
+                          "bn_training": [m.training for m in module.modules()
+                                          if isinstance(m, torch.nn.BatchNorm2d)]}
+        return hook
+
+    student.register_forward_hook(spy("student"))
+    task.teacher.register_forward_hook(spy("teacher"))
+    student.train()
+    views = augment_batch(digits.train_images[:32], seed=123, padding=spec.crop_padding,
+                          mean=spec.mean, std=spec.std)
+    plain = normalize_batch(digits.train_images[:32], mean=spec.mean, std=spec.std)
+    assert not torch.equal(views, plain)   # the batch really is augmented
+    labels = digits.train_labels[:32]
+    loss, stats = task.loss(student, views, labels)
+
+    teacher, mine = seen["teacher"], seen["student"]
+    assert teacher["input"] is mine["input"] is views   # the student's augmented views, as given
+    assert mine["training"] and all(mine["bn_training"])
+    assert not teacher["training"] and teacher["bn_training"] and not any(teacher["bn_training"])
+    assert not teacher["grad_enabled"] and not teacher["output"].requires_grad
+    assert teacher["output"].grad_fn is None
+    assert loss.item() == pytest.approx(
+        kd_loss(mine["output"].detach(), teacher["output"], labels, 4.0, 0.9).item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    after = task.teacher.state_dict()
+    assert any(k.endswith("running_mean") for k in after)
+    # running means, variances and num_batches_tracked: all unchanged
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 BAD = [
     (["kd", "--student", "resnet8"], "--teacher"),
     (["kd", "--teacher", "resnet8", "--student", "resnet99"], "--student"),

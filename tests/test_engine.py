@@ -1,6 +1,5 @@
 """The single-process cohort: learning, run directory, resume, method wiring."""
 import json
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +11,7 @@ from cohort.errors import UsageError
 from cohort.methods import get_method
 from cohort.runs import read_checkpoint, latest_checkpoint
 from cohort.student import DataSpec, Student
-from conftest import tiny_cohort
+from conftest import assert_states_equal, numbers_of, small, tiny_cohort
 
 
 def test_dml_resnet8_pair_learns_digits(tmp_path, digits):
@@ -34,23 +33,34 @@ def test_dml_resnet8_pair_learns_digits(tmp_path, digits):
     assert latest_checkpoint(tmp_path / "run").name == "epoch-0010"
 
 
-def test_resume_continues_to_the_same_numbers(tmp_path, digits):
-    full = tiny_cohort(tmp_path / "full", epochs=3)
-    run_local(full, digits)
-    # An interrupted copy: the last checkpoint and the last epoch's rows are gone.
+class Stop(Exception):
+    """Stands for Ctrl+C: the run ends where it is."""
+
+
+def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_path, digits):
+    data = small(digits)
+    settings = dict(epochs=4, checkpoint_every=2)
+    run_local(tiny_cohort(tmp_path / "full", **settings), data)
     cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "epoch-0003")
-    resumed = tiny_cohort(cut, epochs=3, resume=True)
-    run_local(resumed, digits)
-    _, a = read_checkpoint(latest_checkpoint(tmp_path / "full"))
-    _, b = read_checkpoint(latest_checkpoint(cut))
-    for name in a:
-        for key, value in a[name]["model"].items():
-            assert torch.equal(value, b[name]["model"][key]), (name, key)
-    rows_a = pq.read_table(tmp_path / "full" / "metrics.parquet").to_pylist()
-    rows_b = pq.read_table(cut / "metrics.parquet").to_pylist()
-    assert [r["test_acc"] for r in rows_a] == [r["test_acc"] for r in rows_b]
+
+    def stop_after_epoch_3(rows):   # epoch 3 has rows but no checkpoint (every 2 epochs)
+        if rows[0]["epoch"] == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run_local(tiny_cohort(cut, **settings), data, on_epoch=stop_after_epoch_3)
+    assert latest_checkpoint(cut).name == "epoch-0002"
+    rows_of = lambda p: pq.read_table(p / "metrics.parquet").to_pylist()
+    before = [r for r in rows_of(cut) if r["epoch"] < 2]
+    trained = []
+    run_local(tiny_cohort(cut, resume=True, **settings), data,
+              on_epoch=lambda rows: trained.append(rows[0]["epoch"]))
+    assert trained == [2, 3]                          # from the checkpoint, not from scratch
+    rows = rows_of(cut)
+    assert rows[:len(before)] == before               # rows before the checkpoint untouched
+    assert numbers_of(rows) == numbers_of(rows_of(tmp_path / "full"))
+    assert_states_equal(read_checkpoint(latest_checkpoint(tmp_path / "full"))[1],
+                        read_checkpoint(latest_checkpoint(cut))[1])
 
 
 def test_resume_refuses_changed_settings(tmp_path, digits):

@@ -116,6 +116,43 @@ def test_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys, digi
     assert code == 2 and "cannot load checkpoint" in err
 
 
+class RunsCodeWhenUnpickled:
+    """Unpickling this creates the file `marker`: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoints_never_unpickle_code_even_if_torch_defaults_to_unsafe(tmp_path, capsys, monkeypatch):
+    """load_checkpoint_file asks for weights_only=True itself: with torch's default switched to
+    full unpickling (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which overrides only an unset argument),
+    a checkpoint whose unpickling would run code is refused and the code never runs."""
+    from cohort.errors import CheckpointError
+    from cohort.runs import load_checkpoint_file
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"arch": "resnet8", "model": {}, "payload": RunsCodeWhenUnpickled(marker)}, evil)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # the premise: with the variable set, a torch.load that leaves weights_only unset runs the code
+    probe = tmp_path / "probe.pt"
+    torch.save(RunsCodeWhenUnpickled(tmp_path / "probe-ran"), probe)
+    with pytest.warns(UserWarning, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        torch.load(probe)
+    assert (tmp_path / "probe-ran").exists()
+
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint_file(evil)
+    assert not marker.exists()
+    # the same through a user's entry point: a KD teacher file, refused before anything runs
+    code, err = run_cli(capsys, "kd", "--teacher-checkpoint", str(evil), "--dataset", "digits",
+                        "--output", str(tmp_path / "run"))
+    assert code == 2 and "cannot load checkpoint" in err and len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
 def test_non_finite_loss_stops_naming_member_epoch_step_and_keeps_checkpoint(tmp_path, digits, monkeypatch):
     dml = methods.METHODS["dml"]
     steps_per_epoch = len(epoch_batches(digits.num_train, 64, 0, 0))

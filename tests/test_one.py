@@ -19,6 +19,7 @@ from cohort.metrics import accuracy_and_loss
 from cohort.models import build_model
 from cohort.one import OneConfig, OneTask, rampup_weight, run_one
 from cohort.runs import latest_checkpoint, load_checkpoint_file, read_checkpoint
+from conftest import numbers_of
 
 ROOT = Path(__file__).resolve().parents[1]
 # Smallest setting that reaches >= 90% on every branch and the ensemble, measured over seeds
@@ -99,6 +100,8 @@ def test_rampup_follows_the_official_sigmoid():
 
 
 def test_two_workers_learn_resume_and_export_the_best_branch(tmp_path, digits):
+    full = tmp_path / "full"   # the uninterrupted run the interrupted one must end equal to
+    run_one(one_cfg(full), digits)
     out = tmp_path / "one"
     crash = 2
     with pytest.raises(ray.train.TrainingFailedError, match="injected failure"):
@@ -117,6 +120,10 @@ def test_two_workers_learn_resume_and_export_the_best_branch(tmp_path, digits):
     assert [(r["epoch"], r["member"]) for r in rows] == [
         (e, m) for e in range(EPOCHS) for m in members]
     assert rows[:len(before)] == before   # epochs before the crash were not trained again
+    # ... and the crashes changed nothing: same rows and weights as the uninterrupted run
+    assert numbers_of(rows) == numbers_of(rows_of(full))
+    (_, resumed_model), (_, full_model) = model_state(out), model_state(full)
+    assert all(torch.equal(v, full_model[k]) for k, v in resumed_model.items())
     final = {r["member"]: r for r in rows if r["epoch"] == EPOCHS - 1}
     for member in members:
         assert final[member]["test_acc"] >= 90.0, (member, final[member]["test_acc"])

@@ -125,11 +125,40 @@ def test_dml_report_tables_match_metrics(dml_run):
     assert "![test accuracy and loss per epoch](curves.png)" in text
 
 
+def line_pixels(panel, colour: str, alpha: float = 0.9, tolerance: int = 14):
+    """(rows, columns) of the pixels of `panel` (H x W x 3 uint8) drawn in the matplotlib colour
+    `colour` at `alpha` over white, within `tolerance` per channel."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    want = 255 * (alpha * np.array(to_rgb(colour)) + (1 - alpha))
+    near = (np.abs(panel.astype(float) - want) <= tolerance).all(axis=2)
+    return np.nonzero(near)
+
+
 def test_dml_curves_png_is_a_legible_figure(dml_run):
+    """Decoded pixels: an accuracy panel and a loss panel side by side, each with a line per
+    student in its own colour spanning the epochs."""
+    import numpy as np
+    from PIL import Image
     _, curves = write_report(dml_run)
     width, height = png_size(curves)
     assert 1000 <= width <= 2000 and 350 <= height <= 700
-    assert curves.stat().st_size > 20_000   # two panels with lines and text, not an empty canvas
+    with Image.open(curves) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    ink = (pixels < 245).any(axis=2)
+    assert 0.03 < ink.mean() < 0.5, ink.mean()      # not blank, not a solid block
+    colours = {tuple(p) for p in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 50                          # antialiased lines and text, not flat fills
+    half = width // 2
+    for name, panel in (("accuracy", pixels[:, :half]), ("loss", pixels[:, half:])):
+        assert (panel < 245).any(axis=2).mean() > 0.02, f"the {name} panel is empty"
+        for member, colour in (("student0", "C0"), ("student1", "C1")):
+            rows, cols = line_pixels(panel, colour)
+            assert len(rows) > 100, f"no {member} line ({colour}) in the {name} panel"
+            # a curve from epoch 1 to epoch 2, not just a legend swatch
+            assert cols.max() - cols.min() > 0.3 * half, f"{member}'s {name} line is too short"
+    # two different plots, not one panel drawn twice
+    assert not np.array_equal(pixels[:, :half], pixels[:, half:2 * half])
 
 
 def test_tensorboard_event_files_hold_per_member_scalars(dml_run):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,10 +34,96 @@ def results(sweep: Path) -> list[dict]:
     return sorted(pq.read_table(sweep / "results.parquet").to_pylist(), key=lambda r: r["trial_id"])
 
 
-def test_grid_over_temperature(tmp_path, capsys):
-    """A 4-trial grid of 1-epoch DML trials: one row per trial, best.json, a leaderboard."""
-    code = main(["sweep", *BASE, "--epochs", "1", "--grid", "temperature=1,2,3,4",
-                 "--name", "grid", "--storage", str(tmp_path)])
+def cluster_state() -> tuple[dict, dict]:
+    """({actor id: (name, state, placement group id)}, {placement group id: state}), read from
+    the GCS (the tests run Ray without a dashboard, so not through ray.util.state)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    actors = {}
+    for raw in state._connect_and_get_accessor().get_actor_table(None, None):
+        actor = gcs_pb2.ActorTableData.FromString(raw)
+        if actor.name:
+            actors[actor.actor_id.hex()] = (actor.name, gcs_pb2.ActorTableData.ActorState.Name(actor.state),
+                                            actor.placement_group_id.hex())
+    groups = {gid: info["state"] for gid, info in ray.util.placement_group_table().items()}
+    return actors, groups
+
+
+class Watch(threading.Thread):
+    """Samples the cluster every `interval` seconds while a sweep runs in this process's main
+    thread: the student actors of each trial (their state and placement group) and every
+    placement group's state. A trial is named by its actors, dml-<sweep>-<trial id>-student-k.
+
+    With `sequential` (one trial at a time), students of a trial still alive `grace` seconds
+    after the next trial asked for its students are a leak: recorded, then killed, so that a
+    leak fails the test instead of starving the next trial forever."""
+
+    def __init__(self, sweep: str, sequential: bool = False, grace: float = 10.0,
+                 interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.prefix = f"dml-{sweep}-"
+        self.sequential, self.grace, self.interval = sequential, grace, interval
+        self.samples: list[tuple[float, dict, dict]] = []  # (time, {trial: {name: (state, group)}}, groups)
+        self.first_seen: dict[str, float] = {}              # trial -> when its students were first asked for
+        self.leaks: list[str] = []
+        self.done = threading.Event()
+
+    def sample(self):
+        actors, groups = cluster_state()
+        trials: dict[str, dict] = {}
+        for name, state, group in actors.values():
+            if name.startswith(self.prefix) and "-student-" in name:
+                trial = name[len(self.prefix):].rsplit("-student-", 1)[0]
+                trials.setdefault(trial, {})[name] = (state, group)
+        now = time.monotonic()
+        for trial in trials:
+            self.first_seen.setdefault(trial, now)
+        return now, trials, groups
+
+    def run(self):
+        while not self.done.is_set():
+            now, trials, groups = sample = self.sample()
+            self.samples.append(sample)
+            for trial in trials:
+                alive = self.alive(sample, trial)
+                successor = self.successor(trial)
+                if self.sequential and alive and successor and now - self.first_seen[successor] > self.grace:
+                    self.leaks.append(f"trial {trial}'s students {alive} still alive {self.grace:g} s "
+                                      f"after trial {successor} started")
+                    for name in alive:
+                        ray.kill(ray.get_actor(name), no_restart=True)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(timeout=10)
+        self.samples.append(self.sample())
+
+    def successor(self, trial: str) -> str | None:
+        later = [t for t, at in self.first_seen.items() if at > self.first_seen[trial]]
+        return min(later, key=self.first_seen.get) if later else None
+
+    @staticmethod
+    def alive(sample, trial: str) -> list[str]:
+        return sorted(n for n, (state, _) in sample[1].get(trial, {}).items() if state == "ALIVE")
+
+    def groups_of(self, trial: str) -> set[str]:
+        """The placement groups the trial's students were placed in."""
+        return {g for _, trials, _ in self.samples for _, g in trials.get(trial, {}).values() if g}
+
+
+def test_grid_over_temperature_two_trials_at_a_time(tmp_path, capsys):
+    """A 4-trial grid of 1-epoch DML trials, two at a time (2 x (0.1 + 2 x 0.4) CPUs fit the
+    2-CPU cluster): trials overlap in time, all complete; one row per trial, best.json, a
+    leaderboard; every student actor and placement group is gone at the end."""
+    with Watch("grid") as watch:
+        code = main(["sweep", *BASE, "--epochs", "1", "--grid", "temperature=1,2,3,4",
+                     "--max-concurrent", "2", "--cpus-per-student", "0.4",
+                     "--name", "grid", "--storage", str(tmp_path)])
     assert code == 0
     sweep = tmp_path / "grid"
     rows = results(sweep)
@@ -48,6 +135,7 @@ def test_grid_over_temperature(tmp_path, capsys):
         assert run.parent == sweep / "runs"
         config = json.loads((run / "config.json").read_text())
         assert config["temperature"] == row["temperature"] and config["method"] == "dml"
+        assert config["cpus_per_student"] == 0.4
         assert len(pq.read_table(run / "metrics.parquet")) == 3   # student0, student1, ensemble
     best = json.loads((sweep / "best.json").read_text())
     top = max(rows, key=lambda r: r["best_best_student"])
@@ -58,20 +146,72 @@ def test_grid_over_temperature(tmp_path, capsys):
     board = out[out.index("sweep grid: 4 trials"):]
     assert "rank" in board and board.count("completed") == 4 and top["trial_id"] in board
 
+    # Two trials ran at once: seen by the cluster (both trials' students alive in one sample,
+    # in two distinct placement groups, both reserved) ...
+    trials = [r["trial_id"] for r in rows]
+    assert set(watch.first_seen) == set(trials)
+    together = [(a, b, sample) for sample in watch.samples for a in trials for b in trials
+                if a < b and len(watch.alive(sample, a)) == 2 and len(watch.alive(sample, b)) == 2]
+    assert together, "no two trials had their students alive at the same time"
+    a, b, sample = together[0]
+    groups_a, groups_b = watch.groups_of(a), watch.groups_of(b)
+    assert len(groups_a) == len(groups_b) == 1 and groups_a != groups_b
+    assert {sample[2][g] for g in groups_a | groups_b} == {"CREATED"}
 
-def test_asha_stops_poor_trials_early(tmp_path):
-    """ASHA on the best student's per-epoch accuracy: the trial with a hopeless learning rate
-    stops at the first rung (its actors released) while the good one runs all its epochs."""
-    code = main(["sweep", *BASE, "--epochs", "2", "--grid", "lr=0.2,0.0001",
-                 "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2",
-                 "--metric", "best_student", "--name", "asha", "--storage", str(tmp_path)])
+    # ... and by the run directories: each started (config.json) before the other's epoch ended
+    def span(trial):
+        run = sweep / "runs" / trial
+        return ((run / "config.json").stat().st_mtime_ns,
+                (latest_checkpoint(run) / "meta.json").stat().st_mtime_ns)
+    spans = {t: span(t) for t in trials}
+    assert any(spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]
+               for x in trials for y in trials if x < y), spans
+
+    # Nothing outlives the sweep.
+    _, trials_now, groups_now = watch.samples[-1]
+    assert all(state == "DEAD" for students in trials_now.values() for state, _ in students.values())
+    assert all(groups_now[g] == "REMOVED" for t in trials for g in watch.groups_of(t))
+
+
+def test_asha_stops_poor_trials_early_and_releases_their_actors(tmp_path):
+    """ASHA on the best student's per-epoch accuracy, one trial at a time: the trials with a
+    hopeless learning rate stop at the first rung while the good one runs all its epochs. A
+    stopped trial's student actors are dead before the next trial's start (watched while the
+    sweep runs), and its placement group is removed or handed to the next trial, never kept."""
+    with Watch("asha", sequential=True) as watch:
+        code = main(["sweep", *BASE, "--epochs", "2", "--grid", "lr=0.2,0.0001,0.00001",
+                     "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2",
+                     "--metric", "best_student", "--name", "asha", "--storage", str(tmp_path)])
     assert code == 0
     rows = {r["lr"]: r for r in results(tmp_path / "asha")}
     assert rows[0.2]["status"] == "completed" and rows[0.2]["epochs"] == 2
-    stopped = [r for r in rows.values() if r["status"] == "stopped"]
-    assert stopped and all(r["epochs"] < 2 for r in stopped)
+    assert [rows[lr]["status"] for lr in (0.0001, 0.00001)] == ["stopped", "stopped"]
+    assert rows[0.0001]["epochs"] == rows[0.00001]["epochs"] == 1
     best = json.loads((tmp_path / "asha" / "best.json").read_text())
     assert best["params"] == {"lr": 0.2}
+
+    assert not watch.leaks, watch.leaks
+    good, stopped, last = (rows[lr]["trial_id"] for lr in (0.2, 0.0001, 0.00001))
+    order = sorted(watch.first_seen, key=watch.first_seen.get)
+    assert order == [good, stopped, last]
+    # the watcher saw the stopped trial's two students alive, in one placement group ...
+    assert any(len(watch.alive(s, stopped)) == 2 for s in watch.samples)
+    assert len(watch.groups_of(stopped)) == 1
+    # ... and, while the next trial's students were alive, none of them
+    after = [s for s in watch.samples if watch.alive(s, last)]
+    assert after, "the watcher never saw the last trial's students alive"
+    assert all(not watch.alive(s, stopped) for s in after)
+    # the stopped trial's placement group: removed, or the one the next trial now uses (Tune
+    # reuses a stopped trial's actor and reservation); at most one trial's group held at once
+    for s in after:
+        assert all(s[2][g] == "REMOVED" or g in watch.groups_of(last) for g in watch.groups_of(stopped))
+    for s in watch.samples:
+        used = {g for t in s[1] for _, g in s[1][t].values() if g and s[2].get(g) != "REMOVED"}
+        assert len(used) <= 1, s
+    # at the end: every student dead, every placement group removed
+    _, trials_now, groups_now = watch.samples[-1]
+    assert all(state == "DEAD" for students in trials_now.values() for state, _ in students.values())
+    assert all(groups_now[g] == "REMOVED" for t in (good, stopped, last) for g in watch.groups_of(t))
 
 
 def test_interrupted_sweep_resumes(tmp_path):
@@ -125,12 +265,21 @@ def test_bad_flags_fail_before_ray(tmp_path, capsys, flags, flag):
 
 
 def test_sweep_bigger_than_the_cluster_fails_fast(tmp_path, capsys):
+    """Refused before Tune starts: no trial, no run directory, no student actor, no
+    placement group (and far from any wait for resources that never come)."""
     started = time.monotonic()
+    groups_before = set(ray.util.placement_group_table())
     code = main(["sweep", *BASE, "--students", "4", "--cpus-per-student", "1", "--grid",
                  "temperature=1,2", "--name", "big", "--storage", str(tmp_path)])
-    assert code == 1 and time.monotonic() - started < 30
+    assert code == 1 and time.monotonic() - started < 120
     err = capsys.readouterr().err
     assert "one dml trial needs CPU 4.1" in err and "the cluster has CPU 2" in err
+    big = tmp_path / "big"
+    assert not (big / "runs").exists() and not (big / "results.parquet").exists()
+    assert not list(big.glob("**/trial-*"))   # no Tune trial directory
+    actors, groups = cluster_state()
+    assert not [name for name, _, _ in actors.values() if name.startswith("dml-big-")]
+    assert set(groups) == groups_before
 
 
 def test_space_file_and_resume_mismatch(tmp_path, capsys):
