@@ -9,8 +9,8 @@ members' logits for that step in member order (its own included). Work that need
 shared-memory object (a ray.experimental.channel) that it rewrites every step and its peers
 read, so no actor call and no new object is made per step. An earlier design pushed each
 step's logits to every peer with an actor call; benchmarks/exchange.py keeps it as
-`actor_push` and measures it at 5-6x the latency of a bare gloo all_gather, against about
-0.5x for the channels (K = 2, README's Performance section). `collective` is an all_gather
+`actor_push` and measures it at about 5x the latency of a bare gloo all_gather, against
+0.55x for the channels (K = 2, README's Performance section). `collective` is an all_gather
 over torch.distributed (gloo on CPU, nccl on GPU).
 """
 from __future__ import annotations
