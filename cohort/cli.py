@@ -33,6 +33,13 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()] if text else []
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
 def str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -103,7 +110,8 @@ def add_cohort_flags(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--placement", default="pack", choices=PLACEMENTS)
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds to wait for the cluster to fit the cohort")
-    p.add_argument("--max-restarts", type=int, default=3, help="cohort restarts after a dead actor")
+    p.add_argument("--max-restarts", type=non_negative_int, default=3,
+                   help="cohort restarts after a dead actor")
 
 
 def cohort_config(args: argparse.Namespace, method: str) -> CohortConfig:
@@ -123,8 +131,6 @@ def cohort_config(args: argparse.Namespace, method: str) -> CohortConfig:
 
 def run_cohort_job(args: argparse.Namespace, method: str) -> dict:
     cfg = cohort_config(args, method)
-    if args.max_restarts < 0:
-        raise UsageError("--max-restarts", f"must be >= 0 (got {args.max_restarts})")
     if args.runtime == "local":
         from .engine import run_local
         return run_local(cfg)

@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def assert_states_equal(a, b):
         for slot, state in a[name]["optimizer"]["state"].items():
             other = b[name]["optimizer"]["state"][slot]
             assert all(torch.equal(v, other[k]) for k, v in state.items()), (name, slot)
+
+
+def rows_of(run_dir):
+    """A run directory's metric rows."""
+    import pyarrow.parquet as pq
+    return pq.read_table(Path(run_dir) / "metrics.parquet").to_pylist()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

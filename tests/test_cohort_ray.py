@@ -1,14 +1,12 @@
 """DML/KDCL cohorts as Ray actors: transports, equivalence, resume, recovery, placement."""
 import os
 import signal
-import socket
 import urllib.request
 import threading
 import time
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -20,13 +18,8 @@ from cohort.data import load_dataset
 from cohort.engine import run_local
 from cohort.errors import TrainingDiverged
 from cohort.runs import latest_checkpoint, load_checkpoint_file, read_checkpoint
-from conftest import assert_states_equal, numbers_of, small, tiny_cohort
+from conftest import assert_states_equal, free_port, numbers_of, rows_of, small, tiny_cohort
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 METRICS_PORT = free_port()
@@ -43,9 +36,6 @@ def ray_cluster():
 class Stop(Exception):
     """Stands for Ctrl+C or a lost driver: the run ends where it is."""
 
-
-def rows_of(run_dir):
-    return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
 def final_states(run_dir):

@@ -11,7 +11,7 @@ from cohort.errors import UsageError
 from cohort.methods import get_method
 from cohort.runs import read_checkpoint, latest_checkpoint
 from cohort.student import DataSpec, Student
-from conftest import assert_states_equal, numbers_of, small, tiny_cohort
+from conftest import assert_states_equal, numbers_of, rows_of, small, tiny_cohort
 
 
 def test_dml_resnet8_pair_learns_digits(tmp_path, digits):
@@ -50,7 +50,6 @@ def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_p
     with pytest.raises(Stop):
         run_local(tiny_cohort(cut, **settings), data, on_epoch=stop_after_epoch_3)
     assert latest_checkpoint(cut).name == "epoch-0002"
-    rows_of = lambda p: pq.read_table(p / "metrics.parquet").to_pylist()
     before = [r for r in rows_of(cut) if r["epoch"] < 2]
     trained = []
     run_local(tiny_cohort(cut, resume=True, **settings), data,

@@ -46,6 +46,7 @@ BAD_COHORT_FLAGS = [
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
     (["--dataset", "parquet", "--data-dir", "/nonexistent/x.parquet"], "--data-dir"),
     (["--placement", "scatter"], "--placement"),
+    (["--max-restarts", "-1"], "--max-restarts"),
 ]
 
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.train
@@ -19,7 +18,7 @@ from cohort.metrics import accuracy_and_loss
 from cohort.models import build_model
 from cohort.one import OneConfig, OneTask, rampup_weight, run_one
 from cohort.runs import latest_checkpoint, load_checkpoint_file, read_checkpoint
-from conftest import numbers_of
+from conftest import numbers_of, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]
 # Smallest setting that reaches >= 90% on every branch and the ensemble, measured over seeds
@@ -82,9 +81,6 @@ class NanAt(OneTask):
         here, self.step = (self.epoch, self.step), self.step + 1
         return (loss * float("nan") if here == self.nan_at else loss), stats
 
-
-def rows_of(run_dir):
-    return pq.read_table(Path(run_dir) / "metrics.parquet").to_pylist()
 
 
 def model_state(run_dir):
