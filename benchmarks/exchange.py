@@ -3,10 +3,10 @@
 Part 1 (latency). One step's logits, B x C = 128 x 100 float32 (51 kB), go from every member
 to every member, K = 2 and 4, through
 
-* `store`      - cohort.exchange.StoreExchange between Ray actors, exactly the class training
+* `store`      - cohort.ray.exchange.StoreExchange between Ray actors, exactly the class training
                  uses: each member rewrites one object-store channel (a mutable shared-memory
                  object) that its K-1 peers read;
-* `collective` - cohort.exchange.CollectiveExchange between the same actors (gloo all_gather);
+* `collective` - cohort.ray.exchange.CollectiveExchange between the same actors (gloo all_gather);
 * `ray_put`    - not project code: the plain object-store path on public APIs. Every step each
                  member `ray.put`s its logits (a numpy array: a new object in the shared-memory
                  store) and hands the ObjectRef, wrapped in a list so that Ray passes the
@@ -299,12 +299,12 @@ class Peer:
         return ray.get_runtime_context().get_node_id()
 
     def open_channel(self, peers, nodes):   # as StudentWorker.open_channel
-        from cohort.exchange import StoreExchange
+        from cohort.ray.exchange import StoreExchange
         self._channel = StoreExchange.open(self.rank, peers, nodes, 4 * B * C + 4096)
         return self._channel
 
     def connect(self, peers, master, channels) -> None:
-        from cohort.exchange import CollectiveExchange, StoreExchange
+        from cohort.ray.exchange import CollectiveExchange, StoreExchange
         self.store = StoreExchange(self.rank, self._channel, channels, self.device)
         self.collective = CollectiveExchange(self.rank, self.world, master, self.device)
         self.actor_push = ActorPush(self.rank, peers)
@@ -391,8 +391,8 @@ def latency_part(ray, args) -> tuple[list[dict], dict, dict]:
 def exposed_part(ray, args) -> tuple[list[dict], dict]:
     import pyarrow.parquet as pq
 
-    from cohort.cohort import run_ray
-    from cohort.config import CohortConfig
+    from cohort.ray.actors import run_ray
+    from cohort.methods import config_class
     from cohort.data import load_dataset
 
     data = load_dataset("synthetic", synthetic_samples=(args.train_images, 256),
@@ -403,7 +403,7 @@ def exposed_part(ray, args) -> tuple[list[dict], dict]:
         for rnd in range(args.train_rounds):
             for transport in (transports if rnd % 2 == 0 else transports[::-1]):
                 out = Path(tmp) / f"{transport}-{rnd}"
-                cfg = CohortConfig(method="dml", students=2, archs=[args.arch], dataset="synthetic",
+                cfg = config_class("dml")(students=2, archs=[args.arch], dataset="synthetic",
                                    epochs=args.epochs, batch_size=B, lr=0.05, schedule="constant",
                                    output=str(out), progress=False, exchange=transport,
                                    device="cuda" if args.device.startswith("cuda") else "cpu",

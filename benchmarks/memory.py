@@ -41,14 +41,14 @@ def store_stats() -> dict:
 
 # ---- part 1: a real cohort ----------------------------------------------------------------------
 def actor_part(ray, args) -> list[dict]:
-    from cohort.cohort import run_ray
-    from cohort.config import CohortConfig
+    from cohort.ray.actors import run_ray
+    from cohort.methods import config_class
     from cohort.data import load_dataset
 
     data = load_dataset("synthetic", synthetic_samples=(args.train_images, 256),
                         synthetic_shape=(3, 32, 32), synthetic_classes=100)
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        cfg = CohortConfig(method="dml", students=args.students, archs=[args.arch],
+        cfg = config_class("dml")(students=args.students, archs=[args.arch],
                            dataset="synthetic", epochs=1, batch_size=B, lr=0.05,
                            schedule="constant", output=str(Path(tmp) / "mem"), progress=False,
                            checkpoint_every=10_000, eval_batch_size=256,

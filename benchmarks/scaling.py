@@ -3,9 +3,9 @@
 The same DML cohort (resnet20 on synthetic CIFAR-shaped 3x32x32 data, 100 classes, batch 128,
 same seed, same steps) trained by
 
-* `ray`                  - cohort.cohort.run_ray: one actor per student, the machine's CPUs shared
+* `ray`                  - cohort.ray.actors.run_ray: one actor per student, the machine's CPUs shared
                            out (on 2 cores and K = 2: one core and one thread each);
-* `sequential`           - cohort.engine.run_local: every student in this process, one after
+* `sequential`           - cohort.runtime.local.run_cohort: every student in this process, one after
                            another each step (as the public DML code does), torch using all cores;
 * `sequential, 1 thread` - the same with one thread: the resources of one actor;
 * `one student alone`    - a single student (cross-entropy only) in this process, one thread.
@@ -37,8 +37,8 @@ B = 128
 
 
 def cohort_config(args, output: Path, students: int):
-    from cohort.config import CohortConfig
-    return CohortConfig(method="dml", students=students, archs=[args.arch], dataset="synthetic",
+    from cohort.methods import config_class
+    return config_class("dml")(students=students, archs=[args.arch], dataset="synthetic",
                         epochs=args.epochs, batch_size=B, lr=0.05, schedule="constant",
                         output=str(output), progress=False, checkpoint_every=10_000,
                         eval_batch_size=256,
@@ -55,17 +55,17 @@ def epoch_train_seconds(output: Path) -> list[float]:
 
 
 def run_ray_variant(args, data, output):
-    from cohort.cohort import run_ray
+    from cohort.ray.actors import run_ray
     run_ray(cohort_config(args, output, args.students), data)
     return epoch_train_seconds(output)
 
 
 def run_local_variant(args, data, output, threads: int):
-    from cohort.engine import run_local
+    from cohort.runtime.local import run_cohort
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        run_local(cohort_config(args, output, args.students), data)
+        run_cohort(cohort_config(args, output, args.students), data)
     finally:
         torch.set_num_threads(previous)
     return epoch_train_seconds(output)
@@ -74,6 +74,7 @@ def run_local_variant(args, data, output, threads: int):
 def alone_variant(args, data, threads: int = 1) -> list[float]:
     """One student, the same epochs and steps, no peers (cross-entropy only): per epoch."""
     from cohort.data import epoch_batches
+    from cohort.step import StepLoss
     from cohort.student import DataSpec, Student, resolve_device
     cfg = cohort_config(args, Path("unused"), args.students)
     device = resolve_device(cfg.device)
@@ -88,8 +89,8 @@ def alone_variant(args, data, threads: int = 1) -> list[float]:
             for step, idx in enumerate(epoch_batches(data.num_train, B, cfg.seed, epoch)):
                 idx = idx.to(device)
                 logits = student.forward(images[idx], step)
-                loss = F.cross_entropy(logits, labels[idx])
-                student.learn(loss, logits, labels[idx], loss.detach(), loss.new_zeros(()), step)
+                loss = StepLoss({"ce": F.cross_entropy(logits, labels[idx])})
+                student.learn(loss, logits, labels[idx], step)
             seconds.append(student.end_epoch()["train_seconds"])
     finally:
         torch.set_num_threads(previous)

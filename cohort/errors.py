@@ -28,3 +28,7 @@ class TrainingDiverged(RuntimeError):
 
 class RunFailed(RuntimeError):
     """A run that gave up (a member kept failing past --max-restarts); one line, exit code 1."""
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot fit what a run asks for; says what was asked and what exists."""

@@ -7,10 +7,10 @@ term. All losses return a scalar tensor.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +29,14 @@ __all__ = [
 
 KDCL_VARIANTS = ("naive", "linear", "minlogit", "general")
 
-# Linear KDCL teacher solver (projected Newton on the simplex), fixed for determinism.
-_LINEAR_MAX_NEWTON = 30      # outer Newton iterations
+# Linear KDCL teacher solver (projected Newton on the simplex, torch on the logits' device),
+# fixed for determinism.
+_LINEAR_MAX_NEWTON = 30      # Newton iterations (off the CPU always all of them, masked)
 _LINEAR_TOL = 1e-16          # stop when the Newton decrement -g'd falls below this (nats)
-_LINEAR_MAX_HALVINGS = 30    # Armijo backtracking steps
-_QP_MAX_ITER = 64            # active-set iterations of the K-dim quadratic sub-problem
+_LINEAR_MAX_HALVINGS = 30    # Armijo backtracking: step sizes 1, 1/2, ..., 2^-29
+_QP_ENUMERATE_MAX_K = 12     # up to this K the quadratic sub-problem enumerates its 2^K - 1 supports
+_QP_FEASIBLE_TOL = 1e-12     # a support's solution is feasible if no weight is below -this
+_QP_MAX_ITER = 64            # active-set iterations of the sub-problem above that K (host-driven)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -115,130 +118,226 @@ def _per_sample_ce(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z, labels, reduction="none")
 
 
-def _project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto {a ≥ 0, Σ a = 1} (sort-based, Duchi et al. 2008)."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    idx = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - css / idx > 0)[0][-1]
-    return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
+@functools.lru_cache(maxsize=64)
+def _support_systems(k: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The fixed parts of the KKT systems of :func:`_simplex_qp_supports`, one per support
+    S ⊆ {0..K−1} (S ≠ ∅, bit i of ``n + 1`` ⇔ i ∈ S): ``masks`` (N×K, bool), and ``base``,
+    ``scale`` (N×(K+1)×(K+1)), ``rhs_base``, ``rhs_scale`` (N×(K+1)) such that the system of
+    support S for ``H``, ``c`` is ``base + scale·[H 0; 0 0]``, ``rhs_base − rhs_scale·[c; 0]``:
+    ``[H_SS 1; 1' 0] [x_S; ν] = [−c_S; 1]`` with identity rows pinning ``x_i = 0``, i ∉ S.
+    Cached per (K, dtype, device); read-only."""
+    bits = torch.arange(k, device=device)
+    masks = ((torch.arange(1, 1 << k, device=device).unsqueeze(1) >> bits) & 1).bool()  # N×K
+    n = masks.shape[0]
+    inside = torch.cat([masks.to(dtype), torch.zeros(n, 1, dtype=dtype, device=device)], 1)
+    scale = inside.unsqueeze(2) * inside.unsqueeze(1)
+    base = torch.zeros(n, k + 1, k + 1, dtype=dtype, device=device)
+    base[:, :k, :k] = torch.diag_embed(1.0 - inside[:, :k])
+    base[:, :k, k] = inside[:, :k]
+    base[:, k, :k] = inside[:, :k]
+    rhs_base = torch.zeros(n, k + 1, dtype=dtype, device=device)
+    rhs_base[:, k] = 1.0
+    return masks, base, scale, rhs_base, inside
 
 
-def _simplex_qp(H: np.ndarray, c: np.ndarray, x0: np.ndarray) -> np.ndarray:
-    """Exact primal active-set solve of ``min ½ x'Hx + c'x`` s.t. ``x ≥ 0, Σ x = 1``.
+def _simplex_qp_supports(H: torch.Tensor, c: torch.Tensor, systems: tuple | None = None) -> torch.Tensor:
+    """Exact ``argmin ½ x'Hx + c'x`` s.t. ``x ≥ 0, Σ x = 1`` by enumerating supports (torch).
 
-    ``H`` must be symmetric positive definite (the caller adds a ridge); ``x0`` feasible.
-    (Nocedal & Wright, Numerical Optimization, Alg. 16.3.)
+    ``H`` (K×K) symmetric positive definite (the caller adds a ridge), ``c`` (K,), any device;
+    ``systems`` from :func:`_support_systems` (built here if not given). For each of the
+    ``2^K − 1`` supports S the equality-constrained problem on S (its KKT system) is solved in
+    one batched ``linalg.solve_ex``; of the solutions with no weight below
+    ``−_QP_FEASIBLE_TOL`` the one with the lowest objective is the optimum (the optimum's own
+    support is among them). The objective of a KKT solution is ``½ (c'x − ν)`` since
+    ``x'H x = −c'x − ν``. Ties go to the lowest support bitmask. No host synchronisation.
     """
-    k = c.size
-    x = x0.copy()
-    active = x <= 0.0
-    x[active] = 0.0
+    k = c.numel()
+    if systems is None:
+        systems = _support_systems(k, c.dtype, c.device)
+    masks, base, scale, rhs_base, rhs_scale = systems
+    kkt = torch.addcmul(base, scale, F.pad(H, (0, 1, 0, 1)))
+    rhs = torch.addcmul(rhs_base, rhs_scale, F.pad(c, (0, 1)), value=-1.0)
+    sol, info = torch.linalg.solve_ex(kkt, rhs.unsqueeze(2))
+    x = torch.where(masks, sol[:, :k, 0], 0.0)                                        # N×K
+    obj = torch.addmv(sol[:, k, 0], x, c, beta=-1.0)             # 2·objective = c'x − ν
+    ok = (x.amin(1) >= -_QP_FEASIBLE_TOL) & (info == 0) & torch.isfinite(obj)
+    best = x.index_select(0, torch.argmin(torch.where(ok, obj, math.inf)).view(1))[0].clamp_min(0.0)
+    return best / best.sum()
+
+
+def _simplex_qp_active_set(H: torch.Tensor, c: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The same problem by a primal active-set method (Nocedal & Wright, Numerical
+    Optimization, Alg. 16.3), for K too large to enumerate supports; ``x0`` feasible. Its
+    control flow reads flags on the host (a device sync per iteration off the CPU)."""
+    k = c.numel()
+    dev, dt = c.device, c.dtype
+    eye = torch.eye(k, dtype=dt, device=dev)
+    active = x0 <= 0.0
+    x = x0.clamp_min(0.0)
     for _ in range(_QP_MAX_ITER):
-        free = np.flatnonzero(~active)
-        n = free.size
+        free = ~active
+        ff = free.to(dt)
         grad = H @ x + c
-        kkt = np.zeros((n + 1, n + 1))
-        kkt[:n, :n] = H[np.ix_(free, free)]
-        kkt[:n, n] = 1.0
-        kkt[n, :n] = 1.0
-        rhs = np.zeros(n + 1)
-        rhs[:n] = -grad[free]
-        try:
-            sol = np.linalg.solve(kkt, rhs)
-        except np.linalg.LinAlgError:
-            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-        p, nu = sol[:n], sol[n]
-        if np.max(np.abs(p)) <= 1e-14 * max(1.0, np.max(np.abs(x))):
+        kkt = torch.zeros(k + 1, k + 1, dtype=dt, device=dev)
+        kkt[:k, :k] = (ff.unsqueeze(1) * ff.unsqueeze(0)) * H + (1.0 - ff).unsqueeze(1) * eye
+        kkt[:k, k] = ff
+        kkt[k, :k] = ff
+        rhs = torch.cat([-grad * ff, torch.zeros(1, dtype=dt, device=dev)]).unsqueeze(1)
+        sol = torch.linalg.solve_ex(kkt, rhs)[0][:, 0]
+        p = torch.where(free, sol[:k], 0.0)
+        if bool(p.abs().max() <= 1e-14 * x.abs().max().clamp_min(1.0)):
             # Stationary on this face: bound multipliers λ_i = grad_i + ν must be ≥ 0.
-            lam = np.where(active, grad + nu, np.inf)
-            j = int(np.argmin(lam))
-            if not active.any() or lam[j] >= -1e-14 * max(1.0, np.max(np.abs(grad))):
+            lam, j = torch.where(active, grad + sol[k], math.inf).min(0)
+            if not bool(active.any()) or bool(lam >= -1e-14 * grad.abs().max().clamp_min(1.0)):
                 break
             active[j] = False
             continue
-        step, blocking = 1.0, -1
-        for i, pi in zip(free, p):
-            if pi < 0.0:
-                r = -x[i] / pi
-                if r < step:
-                    step, blocking = r, int(i)
-        x[free] += step * p
-        if blocking >= 0:
-            active[blocking] = True
+        ratio, blocking = torch.where(free & (p < 0.0), -x / p, math.inf).min(0)
+        if bool(ratio < 1.0):
+            x = x + ratio * p
             x[blocking] = 0.0
-        np.maximum(x, 0.0, out=x)
-        if k - active.sum() < 1:  # never reached in exact arithmetic; keep feasible
-            return _project_simplex(x0)
+            active[blocking] = True
+        else:
+            x = x + p
+        x = x.clamp_min(0.0)
     return x / x.sum()
 
 
-def kdcl_linear_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """KDCL-linear weights ``a = argmin_{a ∈ simplex} CE(Σ_k a_k z_k, y)`` (float64, CPU, K,).
+def _linear_ce(a: torch.Tensor, zf: torch.Tensor, y_rep: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    """``CE(Σ_k a_k z_k, y)`` for each row of ``a`` (J×K) → (J,); ``y_rep`` is ``y`` repeated J
+    times."""
+    s = (a @ zf).view(-1, c)
+    return F.cross_entropy(s, y_rep, reduction="none").view(-1, b).mean(1)
 
-    Convex in ``a``; solved by a deterministic projected Newton method in float64: start at
-    the best of the uniform average and the K single students, then at most
-    ``_LINEAR_MAX_NEWTON`` steps, each minimising the exact quadratic model (Hessian plus a
-    1e-10 relative ridge) over the simplex with an active-set solver, followed by Armijo
-    backtracking; stops once the Newton decrement is below ``_LINEAR_TOL``. Every step is
-    monotone, so ``CE(result) ≤ min(CE(uniform), CE(z_k) for all k)``. Same inputs →
-    bit-identical weights.
+
+class _DonePoll:
+    """Ends a sync-free CUDA loop early without ever waiting on the device: each
+    :meth:`stop` queues an asynchronous copy of the loop's sticky ``done`` flag into pinned
+    host memory, followed by an event, and answers True once an earlier copy has landed
+    (``Event.query`` does not block) showing the flag set. Iterations after ``done`` change
+    nothing, so the result never depends on when the loop is left."""
+
+    def __init__(self, n: int):
+        self.flags = torch.zeros(n, dtype=torch.bool, pin_memory=True)
+        self.events: list = []
+        self.seen = 0
+
+    def stop(self, done: torch.Tensor) -> bool:
+        self.flags[len(self.events)].copy_(done, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.events.append(event)
+        while self.seen < len(self.events) and self.events[self.seen].query():
+            if bool(self.flags[self.seen]):
+                return True
+            self.seen += 1
+        return False
+
+
+def kdcl_linear_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """KDCL-linear weights ``a = argmin_{a ∈ simplex} CE(Σ_k a_k z_k, y)`` (float64, K,).
+
+    Computed in torch, in float64 on the logits' device, and returned there. Convex in ``a``;
+    solved by a deterministic projected Newton method: start at the best of the uniform
+    average and the K single students, then at most ``_LINEAR_MAX_NEWTON`` steps, each
+    minimising the exact quadratic model (Hessian plus a 1e-10 relative ridge) over the
+    simplex exactly (:func:`_simplex_qp_supports`; an active-set solver above
+    ``_QP_ENUMERATE_MAX_K`` students), followed by Armijo backtracking over the step sizes
+    1, ½, …, 2^−29 (the first one accepted is taken). A step is taken only if it lowers the
+    CE; the method stops once the Newton decrement is below ``_LINEAR_TOL`` or no step lowers
+    the CE. Off the CPU the solve never synchronises with the host: the steps run as masked
+    updates (a stopped solve stays put), every step size is tried at once, and the loop runs
+    all ``_LINEAR_MAX_NEWTON`` steps, or on CUDA ends once an asynchronous copy of the stop
+    flag shows it set (:class:`_DonePoll`). On the CPU (and, above ``_QP_ENUMERATE_MAX_K``
+    students, whose active-set QP is driven from the host, everywhere) the same method stops
+    early and tries the step sizes one by one. Every step is monotone, so ``CE(result) ≤
+    min(CE(uniform), CE(z_k) for all k)``. Same inputs → bit-identical weights.
     """
     members = _stack_members("logits", logits)
+    dev = members[0].device
+    early_exit = dev.type == "cpu" or len(members) > _QP_ENUMERATE_MAX_K
+    poll = None
+    if dev.type == "cuda" and not early_exit and not torch.cuda.is_current_stream_capturing():
+        poll = _DonePoll(_LINEAR_MAX_NEWTON)
+    return _linear_weights(members, labels, early_exit, poll)
+
+
+def _linear_weights(members: list[torch.Tensor], labels: torch.Tensor, early_exit: bool,
+                    poll=None) -> torch.Tensor:
+    """:func:`kdcl_linear_weights`. With ``early_exit`` the loops read flags on the host (free
+    on the CPU); without it, for K ≤ ``_QP_ENUMERATE_MAX_K``, nothing is read back, and the
+    Newton loop ends early only when ``poll.stop(done)`` says so."""
     k = len(members)
+    dev = members[0].device
+    f64 = torch.float64
     if k == 1:
-        return torch.ones(1, dtype=torch.float64)
+        return torch.ones(1, dtype=f64, device=dev)
     with torch.no_grad():
-        z = torch.stack([m.detach() for m in members]).to("cpu", torch.float64)  # K×B×C
-        y = labels.detach().to("cpu", torch.long)
+        z = torch.stack([m.detach() for m in members]).to(f64)       # K×B×C
+        y = labels.detach().to(device=dev, dtype=torch.long)
         _, b, c = z.shape
         zf = z.reshape(k, b * c)
-        zy = z.gather(2, y.view(1, b, 1).expand(k, b, 1)).squeeze(2)  # K×B
-        zy_sum = zy.sum(1)
-
-        def ce(a: torch.Tensor) -> float:
-            s = (a @ zf).view(b, c)
-            return float((torch.logsumexp(s, 1).sum() - a @ zy_sum) / b)
+        zy_sum = z.gather(2, y.view(1, b, 1).expand(k, b, 1)).sum((1, 2))   # Σ_b z_k[b, y_b]
+        systems = _support_systems(k, f64, dev) if k <= _QP_ENUMERATE_MAX_K else None
+        ridge_eye = torch.eye(k, dtype=f64, device=dev) * (1e-10 / k)
+        if not early_exit:
+            halvings = _LINEAR_MAX_HALVINGS
+            steps = torch.pow(torch.full((halvings,), 0.5, dtype=f64, device=dev),
+                              torch.arange(halvings, dtype=f64, device=dev))      # 1, ½, …
+            y_steps = y.repeat(halvings)
 
         # Start: the best of uniform and every single student (a vertex).
-        ce_single = (torch.logsumexp(z, 2) - zy).mean(1)  # K
-        uniform = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        f = ce(uniform)
-        a = uniform
-        best = int(torch.argmin(ce_single))
-        if float(ce_single[best]) < f:
-            f = float(ce_single[best])
-            a = torch.zeros(k, dtype=torch.float64)
-            a[best] = 1.0
+        ce_single = F.cross_entropy(z.view(k * b, c), y.repeat(k), reduction="none").view(k, b).mean(1)
+        uniform = torch.full((k,), 1.0 / k, dtype=f64, device=dev)
+        f_uniform = _linear_ce(uniform.unsqueeze(0), zf, y, b, c)[0]
+        ce_best, best = ce_single.min(0)
+        use_vertex = ce_best < f_uniform
+        a = torch.where(use_vertex, (torch.arange(k, device=dev) == best).to(f64), uniform)
+        f = torch.where(use_vertex, ce_best, f_uniform)
+        going = torch.ones((), dtype=torch.bool, device=dev)
 
         for _ in range(_LINEAR_MAX_NEWTON):
-            s = (a @ zf).view(b, c)
-            p = torch.softmax(s, 1)
-            pz = z * p                                  # K×B×C
-            m = pz.sum(2)                               # K×B: E_p[z_k]
-            g = (m - zy).mean(1)                        # ∇ CE
-            h = (pz.reshape(k, b * c) @ zf.T - m @ m.T) / b   # ∇² CE (PSD)
-            h_np, g_np, a_np = h.numpy(), g.numpy(), a.numpy()
-            h_np = 0.5 * (h_np + h_np.T)
-            ridge = 1e-10 * max(float(np.trace(h_np)) / k, 1e-12)
-            h_np = h_np + ridge * np.eye(k)
-            x = _simplex_qp(h_np, g_np - h_np @ a_np, a_np)
-            d = x - a_np
-            slope = float(g_np @ d)
-            if not slope < -_LINEAR_TOL:
-                break
-            t, accepted = 1.0, False
-            for _ in range(_LINEAR_MAX_HALVINGS):
-                cand = torch.from_numpy(np.maximum(a_np + t * d, 0.0))
-                cand = cand / cand.sum()
-                f_new = ce(cand)
-                if f_new <= f + 1e-4 * t * slope:
-                    accepted = True
+            p = torch.softmax((a @ zf).view(b, c), 1)
+            pz = z * p                                                 # K×B×C
+            m = pz.sum(2)                                              # K×B: E_p[z_k]
+            g = (m.sum(1) - zy_sum) / b                                # ∇ CE
+            h = torch.addmm(pz.view(k, b * c) @ zf.T, m, m.T, alpha=-1.0)
+            h = (h + h.T) * (0.5 / b)                                  # ∇² CE (PSD), symmetric
+            h = torch.addcmul(h, ridge_eye, h.trace().clamp_min(k * 1e-12))   # + ridge·I
+            c_qp = torch.addmv(g, h, a, alpha=-1.0)                    # g − H a
+            if systems is not None:
+                x = _simplex_qp_supports(h, c_qp, systems)
+            else:
+                x = _simplex_qp_active_set(h, c_qp, a)
+            d = x - a
+            slope = g @ d
+            if early_exit:   # as below, reading the flags on the host
+                if not bool(slope < -_LINEAR_TOL):
                     break
-                t *= 0.5
-            if not accepted or not f_new < f:
+                t, accepted = 1.0, False
+                for _ in range(_LINEAR_MAX_HALVINGS):
+                    cand = (a + t * d).clamp_min(0.0)
+                    cand = cand / cand.sum()
+                    f_new = _linear_ce(cand.unsqueeze(0), zf, y, b, c)[0]
+                    if bool(f_new <= f + 1e-4 * t * slope):
+                        accepted = True
+                        break
+                    t *= 0.5
+                if not accepted or not bool(f_new < f):
+                    break
+                a, f = cand, f_new
+                continue
+            cands = torch.addcmul(a, steps.unsqueeze(1), d).clamp_min(0.0)
+            cands = cands / cands.sum(1, keepdim=True)                 # J×K
+            f_c = _linear_ce(cands, zf, y_steps, b, c)
+            armijo = f_c <= torch.addcmul(f, steps, slope, value=1e-4)
+            first = armijo.to(torch.uint8).argmax().view(1)            # the first accepted
+            f_new = f_c.index_select(0, first)[0]
+            going = going & armijo.any() & (f_new < f) & (slope < -_LINEAR_TOL)
+            a = torch.where(going, cands.index_select(0, first)[0], a)
+            f = torch.where(going, f_new, f)
+            if poll is not None and poll.stop(~going):
                 break
-            a, f = cand, f_new
         return a.clone()
 
 

@@ -27,9 +27,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .errors import UsageError
+from .runs import choose
 
 FLAG = "RUN_DIR"
-AGGREGATES = ("ensemble", "average")   # members that combine the others
+from .methods import METHODS  # noqa: E402
+
+# members that combine the others, as the methods declare them
+AGGREGATES = tuple(dict.fromkeys(a for m in METHODS.values() for a in m.aggregates))
 RESERVED_DIRS = {"checkpoints", "tensorboard"}
 
 
@@ -135,7 +139,7 @@ def member_stats(rows: list[dict]) -> dict[str, dict]:
             continue
         mine.sort(key=lambda r: r["epoch"])
         last = mine[-1]
-        best = max(mine, key=lambda r: (r["test_acc"], -r["epoch"]))   # earliest of equal bests
+        best, _ = choose(mine)   # on validation accuracy, never on the test set
         speeds = [s for s in (_num(r.get("images_per_second")) for r in mine) if s is not None]
         stats[member] = {
             "final_test_acc": float(last["test_acc"]), "final_epoch": int(last["epoch"]),
@@ -246,6 +250,8 @@ def run_body(run: Run, level: str = "##", show_config: bool = True) -> list[str]
     for key in ("restarts", "resumed_from_epoch", "workers"):
         if key in run.summary:
             lines.append(f"- {key.replace('_', ' ')}: {run.summary[key]}")
+    if run.summary.get("selection"):
+        lines.append(f"- best means: {run.summary['selection']}")
     best = run.summary.get("best_student")
     if isinstance(best, dict):
         lines.append(f"- exported best student: {best.get('member')} of epoch "
@@ -292,8 +298,11 @@ def gain_lines(stats: dict[str, dict], method: str) -> list[str]:
     gains = ensemble_gains(stats)
     if gains is None:
         return []
-    one = method == "one" or all(m.startswith("branch") for m in gains["singles"])
-    single, ensemble = ("branch", "gated ensemble") if one else ("student", "ensemble")
+    kind = METHODS[method].member_kind if method in METHODS else "student"
+    if all(m.startswith("branch") for m in gains["singles"]):
+        kind = "branch"
+    ensemble = METHODS[method].ensemble_label if method in METHODS else "ensemble"
+    single = kind
     k = len(gains["singles"])
     plural = single + ("es" if single.endswith("ch") else "s")
     lines = [f"Mean of the {k} {plural}: final {_fmt(gains['mean_final'])}%, "

@@ -31,7 +31,7 @@ RUNTIME_KEYS = frozenset({
     "resume", "overwrite", "output", "checkpoint_every", "cpus_per_student", "gpus_per_student",
     "placement", "exchange", "device", "workers", "gpus_per_worker", "cpus_per_worker",
     "max_failures", "progress",
-    "address", "keep_checkpoints", "startup_timeout", "name", "max_restarts",
+    "address", "keep_checkpoints", "startup_timeout", "name", "max_restarts", "runtime", "recipe",
 })
 RUN_FILES = ("config.json", "metrics.parquet", "summary.json", "checkpoints", "tensorboard",
              "report.md", "curves.png", "best_student.pt")
@@ -135,7 +135,7 @@ class RunDir:
     def append_metrics(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
         self.rows.extend(rows)
-        table = pa.Table.from_pylist([_clean_row(r) for r in self.rows])
+        table = pa.Table.from_pylist(_same_columns([_clean_row(r) for r in self.rows]))
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.")
         os.close(fd)
         pq.write_table(table, tmp)
@@ -246,6 +246,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict]]:
     return meta, {name: load_checkpoint_file(path / f"{name}.pt") for name in names}
 
 
+def _same_columns(rows: list[dict]) -> list[dict]:
+    """Every row with every column any row has (None where it has none), in the order the
+    columns first appear: pyarrow takes the columns from the first row alone."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in columns} for row in rows]
+
+
 def _clean_row(row: dict) -> dict:
     out = {}
     for key, value in row.items():
@@ -255,17 +262,40 @@ def _clean_row(row: dict) -> dict:
     return out
 
 
+SELECTION_RULES = {
+    "val_acc": "the epoch with the best val_acc (earliest on ties); the test set is never used to choose",
+    "final_epoch": "the final epoch (no validation split: give --val-fraction to choose on one)",
+}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def choose(rows: list[dict]) -> tuple[dict, str]:
+    """The row "best" means, of one member's rows (sorted by epoch, each with a test_acc):
+    the best val_acc when the rows have one, else the final epoch's. Never the test set."""
+    scored = [r for r in rows if _finite(r.get("val_acc"))]
+    if scored:
+        return max(scored, key=lambda r: (r["val_acc"], -r["epoch"])), "val_acc"
+    return rows[-1], "final_epoch"
+
+
 def summarize(rows: list[dict], config: dict) -> dict:
-    """Final and best test accuracy per member."""
-    members: dict[str, dict] = {}
+    """Final test accuracy per member, and the "best" one chosen by `choose`."""
+    by_member: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: r["epoch"]):
-        acc = row.get("test_acc")
-        if acc is None or (isinstance(acc, float) and math.isnan(acc)):
-            continue
-        entry = members.setdefault(row["member"], {"best_test_acc": -1.0, "best_epoch": -1})
-        entry["final_test_acc"] = acc
-        entry["final_epoch"] = row["epoch"]
-        if acc > entry["best_test_acc"]:
-            entry["best_test_acc"], entry["best_epoch"] = acc, row["epoch"]
+        if _finite(row.get("test_acc")):
+            by_member.setdefault(row["member"], []).append(row)
+    members, rules = {}, set()
+    for member, mine in by_member.items():
+        best, rule = choose(mine)
+        rules.add(rule)
+        members[member] = {"final_test_acc": mine[-1]["test_acc"], "final_epoch": mine[-1]["epoch"],
+                           "best_test_acc": best["test_acc"], "best_epoch": best["epoch"]}
+        if rule == "val_acc":
+            members[member]["best_val_acc"] = best["val_acc"]
     epochs = 1 + max((r["epoch"] for r in rows), default=-1)
-    return {"method": config.get("method"), "epochs_completed": epochs, "members": members}
+    rule = "val_acc" if "val_acc" in rules else "final_epoch"
+    return {"method": config.get("method"), "epochs_completed": epochs, "members": members,
+            "selection": SELECTION_RULES[rule]}

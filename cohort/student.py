@@ -6,16 +6,15 @@ from a checkpoint therefore continues exactly as an uninterrupted one, in any ru
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from .data import augment_batch, derive_seed, normalize_batch
-from .errors import TrainingDiverged
 from .models import build_model
 from .optim import learning_rate, make_optimizer, set_learning_rate
+from .step import EpochStats, StepLoss, take_step
 
 INIT_STREAM, VIEW_STREAM = 101, 202  # seed domains, so init and augmentation never share a seed
 
@@ -59,7 +58,7 @@ class Student:
         # DML peers share views unless asked otherwise; KDCL students each draw their own.
         self.view_stream = index if cfg.views == "separate" else 0
         self.epoch = 0
-        self._sums = None
+        self._stats = None
 
     # ---- training -----------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> float:
@@ -68,8 +67,7 @@ class Student:
                            self.cfg.milestones, self.cfg.gamma)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
-        # loss, ce, kd, correct, samples: summed on the device, read once per epoch
-        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        self._stats = EpochStats(self.device)
         self._started = time.perf_counter()
         return lr
 
@@ -80,29 +78,19 @@ class Student:
                               mean=self.spec.mean, std=self.spec.std)
         return self.model(views)
 
-    def learn(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-              ce: torch.Tensor, kd: torch.Tensor, step: int) -> float:
-        """One optimizer step on `loss`, after checking that it is finite; returns its value."""
-        value = loss.item()  # the one host sync per step: the finite check needs it
-        if not math.isfinite(value):
-            raise TrainingDiverged(self.name, self.epoch, step, value)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            n = len(labels)
-            self._sums[:3] += torch.stack([loss.detach(), ce, kd]).double() * n
-            self._sums[3] += (logits.detach().argmax(1) == labels).sum()
-            self._sums[4] += n
-        return value
+    def learn(self, loss: StepLoss, logits: torch.Tensor, labels: torch.Tensor, step: int) -> float:
+        """One optimizer step on the method's loss terms (cohort.step); returns the total."""
+        accuracy = (logits.detach().argmax(1) == labels).float().mean()
+        return take_step(self.optimizer, loss, self.name, self.epoch, step, self._stats,
+                         len(labels), extra={"acc": accuracy})
 
     def end_epoch(self) -> dict:
-        loss, ce, kd, correct, samples = self._sums.tolist()
+        means, samples = self._stats.means()
         seconds = time.perf_counter() - self._started
-        samples = max(samples, 1.0)
-        return {"train_loss": loss / samples, "train_ce": ce / samples, "train_kd": kd / samples,
-                "train_acc": 100.0 * correct / samples, "train_seconds": seconds,
-                "images_per_second": samples / max(seconds, 1e-9)}
+        out = {f"train_{name}": value for name, value in means.items()}
+        out["train_acc"] = 100.0 * means.get("acc", 0.0)
+        out.update(train_seconds=seconds, images_per_second=samples / max(seconds, 1e-9))
+        return out
 
     # ---- evaluation ---------------------------------------------------------------------
     @torch.no_grad()

@@ -10,19 +10,11 @@ file (`--space`), name the searched ones by the same flag names. Everything is c
 Ray starts: an unknown flag, a bad value or a metric the method does not report is one line
 naming the flag and exit code 2.
 
-Each trial is a Tune function trainable that builds its method's config from the fixed
-flags and its searched values and runs it, reporting every epoch's test accuracies (one
-scalar per member plus `best_student`, `mean_student` and `ensemble`; for ONE also
-`best_branch`, `mean_branch`, `average`) so ASHA can stop it early. Methods plug in through
-one registry entry each (SWEEP_METHODS):
-
-* DML / KDCL trials start their cohort: the trial's placement group is its own bundle plus
-  one bundle per student, and `cohort.run_ray` places the student actors in those bundles,
-  so concurrent trials never starve each other and a stopped trial's actors go with it.
-* ONE trials run their TorchTrainer inside the trainable (the Ray 2.60 Train/Tune pattern:
-  a run directory, hence a Train run name, per trial, and a Train callback forwarding rank 0's
-  metric rows to Tune). Ray Train reserves its workers' placement group itself, so the trial
-  reserves only its own bundle and the sweep caps concurrency at what the cluster holds.
+Every registered method can be swept (SWEEP_METHODS derives how from its family). Each
+trial reports every epoch's test accuracies: one scalar per member plus `best_student`,
+`mean_student` (and `best_branch`, `mean_branch` for multi-branch methods) and the method's
+aggregates (`ensemble`, `average`), so ASHA can stop it early. The Tune side (trainable,
+resources, Tuner, results) is cohort.ray.tune; nothing here imports Ray.
 
 The sweep directory STORAGE/NAME is the Tune experiment (restorable: `--resume` continues an
 interrupted sweep with Tuner.restore) and also holds
@@ -38,16 +30,16 @@ and first reports the epochs it already has, so Tune and ASHA see every epoch on
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
-import math
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import methods
+from .config import validate
 from .errors import UsageError
+from .flags import Parser, add_method_flags, config_from_args
 
 SCHEDULERS = ("fifo", "asha")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
@@ -74,7 +66,6 @@ class SweepMethod:
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None
     build: Callable[[argparse.Namespace], Any] | None = None        # fixed + searched flags -> config
     validate: Callable[[Any], None] | None = None                    # raises UsageError
-    run: Callable[[Any, argparse.Namespace, Callable[[list], None]], dict] | None = None
     units: str = "students"          # config field: number of per-unit bundles (students / workers)
     unit_cpus: str = "cpus_per_student"
     unit_gpus: str = "gpus_per_student"
@@ -84,29 +75,9 @@ class SweepMethod:
     history: Callable[[Path], Path] = lambda run_dir: run_dir
 
 
-def _cohort_method(name: str) -> SweepMethod:
-    def add_flags(p):
-        from .cli import add_cohort_flags
-        add_cohort_flags(p, name)
-
-    def build(args):
-        from .cli import cohort_config
-        return cohort_config(args, name)
-
-    def validate(cfg):
-        from .config import validate_cohort
-        validate_cohort(cfg)
-
-    def run(cfg, args, on_epoch):
-        from .cohort import run_ray
-        return run_ray(cfg, max_restarts=args.max_restarts, on_epoch=on_epoch)
-
-    return SweepMethod(name, add_flags, build, validate, run)
-
-
 def _last_stage(run_dir: Path) -> Path:
-    """A KD trial's chain reports its last stage, the distilled student (RUN/stage1-ARCH)."""
-    from .distill import stage_name
+    """A chain trial reports its last stage, the distilled student (RUN/stageI-ARCH)."""
+    from .runtime.chain import stage_name
     config = run_dir / "config.json"
     if not config.exists():
         return run_dir / "not-started"
@@ -114,34 +85,31 @@ def _last_stage(run_dir: Path) -> Path:
     return run_dir / stage_name(len(chain) - 1, chain[-1])
 
 
-def _train_method(name: str, module: str, add_flags: str, build: str, validate: str,
-                  runner: str, member: str, history=lambda run_dir: run_dir) -> SweepMethod:
-    """A method that runs as Ray Train job(s): ONE, or a KD chain (its last stage, the student,
-    is what the trial reports). `runner(cfg, callbacks=...)` takes the Tune forwarder. Ray Train
-    reserves each trial's workers itself, so the trials are not nested (see _concurrency)."""
-    def attr(function: str):   # imported lazily: the sweep's flags load before Ray does
-        return getattr(importlib.import_module(f"cohort.{module}"), function)
+def sweep_method(name: str) -> SweepMethod:
+    """How a sweep runs a registered method, from its family: a cohort's students live in
+    bundles of the trial's placement group; a Ray Train job (a network, or a chain's stages)
+    reserves its workers itself, so those trials are not nested (see _concurrency)."""
+    cls = methods.get(name)
 
-    return SweepMethod(
-        name, add_flags=lambda p: attr(add_flags)(p), build=lambda a: attr(build)(a),
-        validate=lambda c: attr(validate)(c),
-        run=lambda cfg, args, on_epoch: attr(runner)(cfg, callbacks=[_tune_forwarder()]),
-        units="workers", unit_cpus="cpus_per_worker", unit_gpus="gpus_per_worker",
-        member=member, nested=False, history=history)
+    common = dict(add_flags=lambda p: add_method_flags(p, cls),
+                  build=lambda args: config_from_args(cls, args), validate=validate,
+                  member=cls.member_kind)
+    if cls.family == "cohort":
+        return SweepMethod(name, **common)
+    return SweepMethod(name, **common, units="workers", unit_cpus="cpus_per_worker",
+                       unit_gpus="gpus_per_worker", nested=False,
+                       history=_last_stage if cls.family == "chain" else (lambda run_dir: run_dir))
 
 
-SWEEP_METHODS: dict[str, SweepMethod] = {
-    "dml": _cohort_method("dml"),
-    "kdcl": _cohort_method("kdcl"),
-    "one": _train_method("one", "one", "add_one_flags", "one_config", "validate_one", "run_one",
-                         member="branch"),
-    "kd": _train_method("kd", "distill", "add_kd_flags", "kd_config", "validate_chain",
-                        "run_chain", member="student", history=_last_stage),
-}
+def _registry() -> dict[str, SweepMethod]:
+    return {name: sweep_method(name) for name in methods.METHODS}
+
+
+SWEEP_METHODS: dict[str, SweepMethod] = _registry()
 
 
 def method_parser(method: str) -> argparse.ArgumentParser:
-    from .cli import Parser
+
     parser = Parser(prog=f"cohort sweep --method {method}")
     SWEEP_METHODS[method].add_flags(parser)
     return parser
@@ -171,26 +139,9 @@ def epoch_metrics(rows: list[dict]) -> dict:
 
 def metric_names(method: SweepMethod, cfg) -> list[str]:
     """Metrics a trial with config `cfg` reports (see epoch_metrics)."""
-    if method.name == "one":
-        return (["best_branch", "best_student", "mean_branch", "mean_student", "ensemble", "average"]
-                + [f"branch{i}" for i in range(cfg.branches)])
-    if method.name == "kd":   # the distilled student of the chain's last stage
-        return ["best_student", "mean_student", "student"]
-    return ["best_student", "mean_student", "ensemble"] + [f"student{k}" for k in range(cfg.students)]
-
-
-def _tune_forwarder():
-    """A Ray Train callback (it runs on the Train controller) that turns rank 0's metric rows
-    into epoch_metrics and hands them to the Tune trial that started the trainer."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class ForwardEpochMetrics(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            rows = (metrics[0] if metrics else {}).get("rows")
-            if rows:
-                super().after_report(run_context, [epoch_metrics(rows)], None)
-
-    return ForwardEpochMetrics()
+    kinds = ["student"] if method.member == "student" else [method.member, "student"]
+    summary = [f"{stat}_{kind}" for kind in kinds for stat in ("best", "mean")]
+    return summary + methods.get(method.name).members(cfg)
 
 
 # ---- the search space --------------------------------------------------------------------------
@@ -222,7 +173,14 @@ class SweepSpec:
 
 
 def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    """The parser's flags by config field name and by flag name (`arch` is field `archs`)."""
+    actions = {}
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            actions[a.dest] = a
+            for option in a.option_strings:
+                actions.setdefault(_dest(option), a)
+    return actions
 
 
 def _dest(key: str) -> str:
@@ -469,69 +427,6 @@ def check_trials(spec: SweepSpec) -> list:
     return configs
 
 
-# ---- resources ------------------------------------------------------------------------------
-def resolve_resources(spec: SweepSpec) -> dict:
-    """Per-unit (student / Train worker) CPUs and GPUs, after checking that the largest trial
-    fits the cluster; raises ResourceError naming both."""
-    from .cluster import ResourceError, cluster_totals, describe
-    method = SWEEP_METHODS[spec.method]
-    configs = check_trials(spec)
-    cfg = configs[0]
-    totals = cluster_totals()
-    units = max(getattr(c, method.units) for c in configs)
-    explicit_gpus = getattr(cfg, method.unit_gpus)
-    gpus = explicit_gpus if explicit_gpus >= 0 else (
-        1.0 if totals["GPU"] > 0 and getattr(cfg, "device", "auto") != "cpu" else 0.0)
-    explicit_cpus = getattr(cfg, method.unit_cpus)
-    share = spec.max_concurrent or 1
-    if explicit_cpus > 0:
-        cpus = explicit_cpus
-    elif gpus > 0:
-        cpus = 1.0
-    else:
-        cpus = max(0.01, math.floor(100 * (totals["CPU"] - share * TRIAL_CPUS) / (share * units)) / 100)
-    need = {"CPU": TRIAL_CPUS + units * cpus, "GPU": units * gpus}
-    flag = "--" + method.unit_cpus.replace("_", "-")
-    if any(need[k] > totals[k] + 1e-9 for k in need):
-        raise ResourceError(
-            f"one {spec.method} trial needs {describe(need)} (the trial's own CPU {TRIAL_CPUS:g} + "
-            f"{units} {method.units} x {describe({'CPU': cpus, 'GPU': gpus})}), but the cluster has "
-            f"{describe(totals)}; lower {flag} or --{method.units}, or add nodes")
-    biggest_node = _largest_node()
-    one = {"CPU": cpus, "GPU": gpus}
-    if biggest_node and any(one[k] > biggest_node.get(k, 0.0) + 1e-9 for k in one):
-        raise ResourceError(f"one of the {method.units} needs {describe(one)}, more than any node "
-                            f"has (largest: {describe(biggest_node)})")
-    fits = math.floor(min(totals[k] / need[k] for k in need if need[k] > 0) + 1e-9)
-    return {"cpus": cpus, "gpus": gpus, "trial_cpus": TRIAL_CPUS, "fits": max(1, fits)}
-
-
-def _largest_node() -> dict:
-    import ray
-    best = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            res = node.get("Resources", {})
-            if res.get("CPU", 0.0) > best.get("CPU", 0.0):
-                best = {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}
-    return best
-
-
-def trial_resources(spec: dict, config: dict):
-    """The trial's placement group: its own bundle, then (nested methods) one bundle per unit."""
-    from ray import tune
-    from .cluster import bundle
-    method = SWEEP_METHODS[spec["method"]]
-    res = spec["resources"]
-    bundles = [{"CPU": res["trial_cpus"]}]
-    if method.nested:
-        units = config.get(method.units)
-        if units is None:
-            units = getattr(trial_args(SweepSpec(**spec), {}), method.units)
-        bundles += [bundle(res["cpus"], res["gpus"])] * int(units)
-    return tune.PlacementGroupFactory(bundles, strategy="PACK")
-
-
 # ---- the trial ------------------------------------------------------------------------------
 def trial_config(spec: SweepSpec, params: dict, run_dir: Path, name: str):
     method = SWEEP_METHODS[spec.method]
@@ -560,208 +455,6 @@ def stored_epochs(run_dir: Path) -> tuple[int, list[list[dict]]]:
     return done, [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def run_trial(config: dict, spec: dict) -> None:
-    """The Tune function trainable: one trial = one run of the method."""
-    from ray import tune
-    sweep = SweepSpec(**spec)
-    method = SWEEP_METHODS[sweep.method]
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = sweep.path / RUNS_DIR / trial_id
-    cfg, args = trial_config(sweep, config, run_dir, f"{sweep.name}-{trial_id}")
-    done, history = stored_epochs(method.history(run_dir))
-    if done:                       # a restarted trial: continue its run, replay what Tune lost
-        cfg.resume = True
-        for rows in history:
-            tune.report(epoch_metrics(rows))
-        if done >= cfg.epochs:
-            return
-    elif run_dir.exists():         # started before, no checkpoint yet: start again
-        cfg.overwrite = True
-    method.run(cfg, args, lambda rows: tune.report(epoch_metrics(rows)))
-
-
-def trial_dirname(trial) -> str:
-    return f"trial-{trial.trial_id}"
-
-
-# ---- driving the sweep ------------------------------------------------------------------------
-def param_space(spec: SweepSpec) -> dict:
-    from ray import tune
-    space: dict[str, Any] = {d: tune.grid_search(v) for d, v in spec.grid.items()}
-    for dest, (dist, *a) in spec.sample.items():
-        numeric_int = all(isinstance(x, int) and not isinstance(x, bool) for x in a)
-        if dist == "choice":
-            space[dest] = tune.choice(a)
-        elif dist == "uniform":
-            space[dest] = tune.randint(a[0], a[1] + 1) if numeric_int else tune.uniform(*a)
-        else:
-            space[dest] = tune.lograndint(a[0], a[1] + 1) if numeric_int else tune.loguniform(*a)
-    return space
-
-
-def _trainable(spec: SweepSpec):
-    from ray import tune
-    frozen = asdict(spec)
-    fn = tune.with_parameters(run_trial, spec=frozen)
-    return tune.with_resources(fn, lambda config: trial_resources(frozen, config))
-
-
-def _tuner(spec: SweepSpec, concurrency: int):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    epochs = max(c.epochs for c in check_trials(spec))
-    scheduler = FIFOScheduler()
-    if spec.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period,
-                                  reduction_factor=spec.reduction_factor)
-    return tune.Tuner(
-        _trainable(spec), param_space=param_space(spec),
-        tune_config=tune.TuneConfig(metric=spec.metric, mode="max", scheduler=scheduler,
-                                    num_samples=spec.samples, max_concurrent_trials=concurrency,
-                                    trial_dirname_creator=trial_dirname,
-                                    reuse_actors=SWEEP_METHODS[spec.method].nested),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(spec.path.parent), verbose=1))
-
-
-def _concurrency(spec: SweepSpec) -> int | None:
-    method = SWEEP_METHODS[spec.method]
-    if method.nested:           # the trial's placement group holds everything it uses
-        return spec.max_concurrent or None
-    fits = spec.resources["fits"]   # Ray Train reserves its workers outside Tune's view
-    if spec.max_concurrent and spec.max_concurrent <= fits:
-        return spec.max_concurrent
-    if spec.max_concurrent:
-        print(f"sweep: --max-concurrent {spec.max_concurrent} lowered to {fits}: Ray Train reserves "
-              "each ONE trial's workers itself, and the cluster holds that many trials", flush=True)
-    return fits
-
-
-def _resumed_spec(args: argparse.Namespace) -> SweepSpec:
-    path = Path(args.storage).resolve() / args.name
-    from ray.tune import Tuner
-    if not (path / SPEC_FILE).exists() or not Tuner.can_restore(str(path)):
-        raise UsageError("--resume", f"no restorable sweep at {path}")
-    stored = SweepSpec(**json.loads((path / SPEC_FILE).read_text()))
-    stored.storage = str(path.parent)
-    asked = (args.method is not None or args.grid or args.sample or args.space
-             or getattr(args, "fixed", None))
-    if asked:
-        if args.method is None:
-            args.method = stored.method
-        given = spec_from_args(args).search_key()
-        diffs = [k for k, v in stored.search_key().items() if given[k] != v]
-        if diffs:
-            raise UsageError("--resume", "these settings differ from the stored sweep's: "
-                                         + ", ".join(diffs) + " (leave them out to resume as stored)")
-    return stored
-
-
-def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
-    """Run (or continue) the sweep; returns {"path", "trials", "best", "interrupted"}."""
-    from ray import tune
-    from .cluster import connect
-    from .runs import write_json
-
-    path = spec.path
-    if not resume and (path / SPEC_FILE).exists():
-        raise UsageError("--name", f"{path} holds a sweep already: pass --resume to continue it, "
-                                   "or choose another --name or --storage")
-    connect(f"sweep-{spec.method}", spec.name)
-    spec.resources = resolve_resources(spec)
-    concurrency = _concurrency(spec)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(path / SPEC_FILE, asdict(spec))
-    if resume:
-        tuner = tune.Tuner.restore(str(path), trainable=_trainable(spec), resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        tuner = _tuner(spec, concurrency)
-    tuner.fit()
-    return collect_results(spec)
-
-
-# ---- results ----------------------------------------------------------------------------------
-def _trial_epochs(run_dir: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-    metrics = run_dir / "metrics.parquet"
-    if not metrics.exists():
-        return []
-    by_epoch: dict[int, list[dict]] = {}
-    for row in pq.read_table(metrics).to_pylist():
-        by_epoch.setdefault(row["epoch"], []).append(row)
-    return [epoch_metrics(by_epoch[e]) for e in sorted(by_epoch)]
-
-
-def _status(trial, epochs_run: int, epochs: int) -> str:
-    if trial.status == "ERROR":
-        return "error"
-    if trial.status != "TERMINATED":
-        return "unfinished"
-    return "completed" if epochs_run >= epochs else "stopped"
-
-
-def _error_line(trial) -> str:
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        text = Path(path).read_text().strip().splitlines() if path else []
-    except OSError:
-        text = []
-    return text[-1][:300] if text else ""
-
-
-def collect_results(spec: SweepSpec) -> dict:
-    """results.parquet, best.json and the leaderboard, from Tune's trials and their run dirs."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from ray.tune import ExperimentAnalysis
-    from .runs import write_json
-
-    path = spec.path
-    analysis = ExperimentAnalysis(str(path), default_metric=spec.metric, default_mode="max")
-    searched = list(spec.grid) + list(spec.sample)
-    method = SWEEP_METHODS[spec.method]
-    reported = metric_names(method, check_trials(spec)[0])
-    keys = [k for k in ("best_student", "mean_student", "ensemble", "average") if k in reported]
-    if spec.metric not in keys:
-        keys.append(spec.metric)
-    rows = []
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        run_dir = path / RUNS_DIR / trial.trial_id
-        history = _trial_epochs(method.history(run_dir))
-        config_file = run_dir / "config.json"
-        epochs = (json.loads(config_file.read_text())["epochs"] if config_file.exists()
-                  else trial.config.get("epochs", 0))
-        row = {"trial_id": trial.trial_id, **{k: trial.config.get(k) for k in searched},
-               "status": _status(trial, len(history), epochs), "epochs": len(history)}
-        for key in keys:
-            values = [h.get(key) for h in history if h.get(key) is not None]
-            row[f"final_{key}"] = values[-1] if values else None
-            row[f"best_{key}"] = max(values) if values else None
-        values = [(h.get(spec.metric), h["epoch"]) for h in history if h.get(spec.metric) is not None]
-        row["best_epoch"] = max(values)[1] if values else None
-        row["run_dir"] = str(run_dir)
-        row["error"] = _error_line(trial) if trial.status == "ERROR" else ""
-        rows.append(row)
-    pq.write_table(pa.Table.from_pylist(rows), path / "results.parquet")
-    ranked = sorted(rows, key=lambda r: (r[f"best_{spec.metric}"] is None,
-                                         -(r[f"best_{spec.metric}"] or 0.0),
-                                         -(r[f"final_{spec.metric}"] or 0.0)))
-    best = None
-    if ranked and ranked[0][f"best_{spec.metric}"] is not None:
-        top = ranked[0]
-        run_dir = Path(top["run_dir"])
-        best = {"metric": spec.metric, "trial_id": top["trial_id"],
-                "params": {k: top[k] for k in searched}, "best": top[f"best_{spec.metric}"],
-                "best_epoch": top["best_epoch"], "final": top[f"final_{spec.metric}"],
-                "epochs": top["epochs"], "status": top["status"], "run_dir": str(run_dir),
-                "config": (json.loads((run_dir / "config.json").read_text())
-                           if (run_dir / "config.json").exists() else {})}
-        write_json(path / "best.json", best)
-    interrupted = [r for r in rows if r["status"] == "unfinished"]
-    return {"path": str(path), "metric": spec.metric, "searched": searched, "trials": ranked,
-            "best": best, "interrupted": len(interrupted)}
-
-
 def _cell(value) -> str:
     if value is None:
         return "-"
@@ -784,26 +477,3 @@ def leaderboard(result: dict) -> str:
     return "\n".join([fmt(header), *map(fmt, lines)])
 
 
-def run_sweep_job(args: argparse.Namespace) -> dict:
-    """`cohort sweep`: validate, run, write results, print the leaderboard."""
-    if args.resume:
-        _check_range(args)
-        spec = _resumed_spec(args)
-    else:
-        spec = spec_from_args(args)
-    result = run_sweep(spec, resume=args.resume)
-    print(f"\nsweep {spec.name}: {len(result['trials'])} trials -> {result['path']}", flush=True)
-    print(leaderboard(result), flush=True)
-    if result["best"]:
-        best = result["best"]
-        print(f"best: {best['trial_id']} {best['params']} {spec.metric} {best['best']:.2f}% "
-              f"(epoch {best['best_epoch']}) -> {best['run_dir']}", flush=True)
-    if result["interrupted"]:
-        print(f"sweep interrupted with {result['interrupted']} trial(s) unfinished; continue it "
-              f"with: cohort sweep --resume --name {spec.name} --storage {spec.storage}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED)
-    if result["trials"] and all(r["status"] == "error" for r in result["trials"]):
-        print(f"error: every trial failed (first: {result['trials'][0]['error']})", file=sys.stderr)
-        raise SystemExit(1)
-    return {"sweep": result["path"], "best": result["best"]}

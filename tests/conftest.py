@@ -29,12 +29,12 @@ def digits():
 
 def tiny_cohort(output, **overrides):
     """A 2-student resnet8 cohort on digits small enough for a CPU test."""
-    from cohort.config import CohortConfig
+    from cohort.methods import config_class
     settings = dict(method="dml", students=2, archs=["resnet8"], dataset="digits", epochs=2,
                     batch_size=64, lr=0.1, schedule="cosine", weight_decay=5e-4,
                     output=str(output), progress=False, device="cpu")
     settings.update(overrides)
-    return CohortConfig(**settings)
+    return config_class(settings["method"])(**settings)
 
 
 def small(dataset, train: int = 448, test: int = 256):

@@ -6,14 +6,20 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cohort.cli import build_parser, cohort_config, main
-from cohort.distill import chain_config, kd_config, stage_config
-from cohort.one import one_config
+from cohort import methods
+from cohort.cli import build_parser, main
+from cohort.flags import config_from_args
 from cohort.optim import learning_rate
+from cohort.runtime.chain import stage_config
 
 
 def parse(*argv: str):
     return build_parser().parse_args(list(argv))
+
+
+def config(*argv: str):
+    """The config a job runs with, from its command line."""
+    return config_from_args(methods.get(argv[0]), parse(*argv))
 
 
 def lrs(cfg, epochs) -> list[float]:
@@ -24,22 +30,22 @@ def lrs(cfg, epochs) -> list[float]:
 
 @pytest.mark.parametrize("method", ["dml", "kdcl", "independent"])
 def test_cohort_step_schedule_decays_at_half_and_three_quarters(method):
-    cfg = cohort_config(parse(method), method)
+    cfg = config(method)
     assert (cfg.epochs, cfg.lr, cfg.schedule, cfg.gamma) == (200, 0.1, "step", 0.1)
     assert (cfg.batch_size, cfg.momentum, cfg.weight_decay) == (64, 0.9, 5e-4)
     got = lrs(cfg, [0, 98, 99, 100, 101, 148, 149, 150, 151, 199])
     want = [0.1] * 3 + [0.01] * 4 + [0.001] * 3
     assert got == pytest.approx(want, rel=1e-12)
     # the milestones follow --epochs: 8 epochs decay after epochs 4 and 6
-    short = cohort_config(parse(method, "--epochs", "8"), method)
+    short = config(method, "--epochs", "8")
     assert lrs(short, range(8)) == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2, rel=1e-12)
 
 
 def test_dml_and_kdcl_method_defaults():
-    dml = cohort_config(parse("dml"), "dml")
+    dml = config("dml")
     assert dml.temperature == 1.0 and dml.kd_weight == 1.0 and dml.views == "shared"
     assert dml.students == 2 and dml.archs == ["resnet32", "resnet32"]
-    kdcl = cohort_config(parse("kdcl"), "kdcl")
+    kdcl = config("kdcl")
     assert kdcl.temperature == 3.0 and kdcl.variant == "linear" and kdcl.views == "separate"
     assert kdcl.kd_weight == 1.0
 
@@ -48,13 +54,13 @@ def test_sweep_trials_get_the_same_cohort_defaults():
     """A sweep's fixed flags are parsed by the method's own flags: same defaults."""
     from cohort.sweep import method_parser
     for method in ("dml", "kdcl"):
-        swept = cohort_config(method_parser(method).parse_args([]), method)
-        direct = cohort_config(parse(method), method)
+        swept = config_from_args(methods.get(method), method_parser(method).parse_args([]))
+        direct = config(method)
         assert swept.to_dict() == direct.to_dict()
 
 
 def test_kd_defaults_and_schedule():
-    cfg = kd_config(parse("kd", "--teacher", "resnet32"))
+    cfg = config("kd", "--teacher", "resnet32")
     assert cfg.chain == ["resnet32", "resnet8"]
     assert (cfg.temperature, cfg.alpha, cfg.lr, cfg.batch_size, cfg.epochs) == (4.0, 0.9, 0.05, 64, 240)
     assert cfg.milestones == [150, 180, 210] and cfg.schedule == "step" and cfg.gamma == 0.1
@@ -66,16 +72,17 @@ def test_kd_defaults_and_schedule():
     assert (stage.temperature, stage.alpha, stage.lr, stage.batch_size, stage.epochs) == (4.0, 0.9, 0.05, 64, 240)
     assert stage.milestones == [150, 180, 210] and stage.teacher == "/teacher.pt"
     # TAKD shares the recipe
-    takd = chain_config(parse("takd"), "takd", ["resnet110", "resnet20", "resnet8"])
+    takd = config("takd")
+    assert takd.chain == ["resnet110", "resnet20", "resnet8"]
     assert (takd.temperature, takd.alpha, takd.lr, takd.batch_size, takd.epochs) == (4.0, 0.9, 0.05, 64, 240)
     assert takd.milestones == [150, 180, 210]
 
 
 def test_one_defaults_and_schedule():
-    cfg = one_config(parse("one"))
+    cfg = config("one")
     assert (cfg.temperature, cfg.rampup_epochs, cfg.branches, cfg.kd_weight) == (3.0, 80, 3, 1.0)
     assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet32", 300, 128, 0.1)
-    assert cfg.member_names == ["branch0", "branch1", "branch2", "ensemble", "average"]
+    assert methods.get("one").members(cfg) == ["branch0", "branch1", "branch2", "ensemble", "average"]
     got = lrs(cfg, [0, 149, 150, 224, 225, 299])
     assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12)
 

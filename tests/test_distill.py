@@ -8,7 +8,8 @@ import torch
 
 from cohort.cli import main
 from cohort.data import normalize_batch
-from cohort.distill import ChainConfig, run_chain
+from cohort.methods.kd import ChainConfig
+from cohort.runtime.chain import run_chain
 from cohort.export import instantiate, save_plain_model
 from cohort.models import build_model
 from cohort.runs import load_checkpoint_file
@@ -83,11 +84,11 @@ def test_kd_pulls_the_student_toward_the_teachers_logits(tmp_path, digits):
 
 
 def test_kd_teacher_sees_the_students_augmented_batch_in_eval_mode_without_grad(digits):
-    """PlainTask.loss, as the Train loop calls it on one augmented batch: the teacher gets the
+    """KdStage.loss, as the Train loop calls it on one augmented batch: the teacher gets the
     very tensor the student gets, runs in eval mode (BatchNorm statistics untouched) and
     builds no autograd graph; the loss is kd_loss of the two outputs."""
     from cohort.data import augment_batch
-    from cohort.distill import PlainTask, StageConfig
+    from cohort.methods.kd import KdStage, StageConfig
     from cohort.losses import kd_loss
     from cohort.student import DataSpec
 
@@ -102,7 +103,7 @@ def test_kd_teacher_sees_the_students_augmented_batch_in_eval_mode_without_grad(
                "model": {k: v.clone() for k, v in teacher_net.state_dict().items()}}
     cfg = StageConfig(arch="resnet8", stage=1, teacher="teacher.pt", temperature=4.0, alpha=0.9,
                       dataset="digits", batch_size=32, progress=False)
-    task = PlainTask(cfg, payload)
+    task = KdStage(cfg, payload)
     student = task.build_model(spec)
     task.setup(spec, torch.device("cpu"))
     before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
@@ -125,7 +126,7 @@ def test_kd_teacher_sees_the_students_augmented_batch_in_eval_mode_without_grad(
     plain = normalize_batch(digits.train_images[:32], mean=spec.mean, std=spec.std)
     assert not torch.equal(views, plain)   # the batch really is augmented
     labels = digits.train_labels[:32]
-    loss, stats = task.loss(student, views, labels)
+    loss = task.loss(student, [views], labels).total()
 
     teacher, mine = seen["teacher"], seen["student"]
     assert teacher["input"] is mine["input"] is views   # the student's augmented views, as given

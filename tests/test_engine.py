@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cohort import losses
-from cohort.engine import run_local, train_step
+from cohort.runtime.local import run_cohort, train_step
 from cohort.errors import UsageError
-from cohort.methods import get_method
+from cohort import methods
 from cohort.runs import read_checkpoint, latest_checkpoint
 from cohort.student import DataSpec, Student
 from conftest import assert_states_equal, numbers_of, rows_of, small, tiny_cohort
@@ -16,7 +16,7 @@ from conftest import assert_states_equal, numbers_of, rows_of, small, tiny_cohor
 
 def test_dml_resnet8_pair_learns_digits(tmp_path, digits):
     cfg = tiny_cohort(tmp_path / "run", epochs=10, lr=0.1)
-    summary = run_local(cfg, digits)
+    summary = run_cohort(cfg, digits)
     members = summary["members"]
     for name in ("student0", "student1", "ensemble"):
         assert members[name]["final_test_acc"] >= 90.0, (name, members[name])
@@ -40,7 +40,7 @@ class Stop(Exception):
 def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_path, digits):
     data = small(digits)
     settings = dict(epochs=4, checkpoint_every=2)
-    run_local(tiny_cohort(tmp_path / "full", **settings), data)
+    run_cohort(tiny_cohort(tmp_path / "full", **settings), data)
     cut = tmp_path / "cut"
 
     def stop_after_epoch_3(rows):   # epoch 3 has rows but no checkpoint (every 2 epochs)
@@ -48,11 +48,11 @@ def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_p
             raise Stop()
 
     with pytest.raises(Stop):
-        run_local(tiny_cohort(cut, **settings), data, on_epoch=stop_after_epoch_3)
+        run_cohort(tiny_cohort(cut, **settings), data, on_epoch=stop_after_epoch_3)
     assert latest_checkpoint(cut).name == "epoch-0002"
     before = [r for r in rows_of(cut) if r["epoch"] < 2]
     trained = []
-    run_local(tiny_cohort(cut, resume=True, **settings), data,
+    run_cohort(tiny_cohort(cut, resume=True, **settings), data,
               on_epoch=lambda rows: trained.append(rows[0]["epoch"]))
     assert trained == [2, 3]                          # from the checkpoint, not from scratch
     rows = rows_of(cut)
@@ -63,16 +63,16 @@ def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_numbers(tmp_p
 
 
 def test_resume_refuses_changed_settings(tmp_path, digits):
-    run_local(tiny_cohort(tmp_path / "r", epochs=1), digits)
+    run_cohort(tiny_cohort(tmp_path / "r", epochs=1), digits)
     with pytest.raises(UsageError, match=r"--resume.*lr \(0\.1 -> 0\.2\)"):
-        run_local(tiny_cohort(tmp_path / "r", epochs=1, lr=0.2, resume=True), digits)
+        run_cohort(tiny_cohort(tmp_path / "r", epochs=1, lr=0.2, resume=True), digits)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, digits):
-    run_local(tiny_cohort(tmp_path / "r", epochs=1), digits)
+    run_cohort(tiny_cohort(tmp_path / "r", epochs=1), digits)
     before = (tmp_path / "r" / "metrics.parquet").read_bytes()
     with pytest.raises(UsageError, match="--output"):
-        run_local(tiny_cohort(tmp_path / "r", epochs=1, seed=3), digits)
+        run_cohort(tiny_cohort(tmp_path / "r", epochs=1, seed=3), digits)
     assert (tmp_path / "r" / "metrics.parquet").read_bytes() == before
 
 
@@ -88,7 +88,7 @@ def test_kdcl_step_uses_the_variant_teacher(tmp_path, digits, variant):
         s.begin_epoch(0)
     images, labels = digits.train_images[:32], digits.train_labels[:32]
     weights = torch.tensor([0.5, 0.3, 0.2]) if variant == "general" else None
-    train_step(students, get_method("kdcl"), cfg, images, labels, weights, step=0)
+    train_step(students, methods.of(cfg), images, labels, weights, step=0)
     # By hand: same forward passes, the teacher from the formula, KDCL loss, SGD step.
     logits = [s.forward(images, 0) for s in reference]
     teacher = losses.kdcl_teacher([z.detach() for z in logits], labels, variant, weights)
@@ -106,7 +106,7 @@ def test_kdcl_step_uses_the_variant_teacher(tmp_path, digits, variant):
 def test_kdcl_general_learns_with_held_out_weights(tmp_path):
     from cohort.data import load_dataset
     data = load_dataset("digits", val_fraction=0.1)
-    summary = run_local(tiny_cohort(tmp_path / "g", method="kdcl", variant="general",
+    summary = run_cohort(tiny_cohort(tmp_path / "g", method="kdcl", variant="general",
                                     val_fraction=0.1, epochs=3), data)
     assert summary["members"]["ensemble"]["final_test_acc"] > 60.0
 

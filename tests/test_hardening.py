@@ -13,7 +13,7 @@ import torch
 from cohort import methods
 from cohort.cli import main
 from cohort.data import epoch_batches
-from cohort.engine import run_local
+from cohort.runtime.local import run_cohort
 from cohort.errors import TrainingDiverged
 from cohort.runs import latest_checkpoint, read_checkpoint
 from conftest import tiny_cohort
@@ -95,7 +95,7 @@ def test_parquet_with_bad_columns_or_labels(tmp_path, capsys):
 def test_resume_without_checkpoint_or_with_other_settings(tmp_path, capsys, digits):
     code, err = run_cli(capsys, "dml", *BASE, "--output", str(tmp_path / "none"), "--resume")
     assert code == 2 and "--resume" in err and "no checkpoint" in err
-    run_local(tiny_cohort(tmp_path / "r", epochs=1), digits)
+    run_cohort(tiny_cohort(tmp_path / "r", epochs=1), digits)
     before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
     code, err = run_cli(capsys, "dml", *BASE, "--runtime", "local", "--output", str(tmp_path / "r"),
                         "--resume", "--temperature", "4", "--lr", "0.05")
@@ -104,7 +104,7 @@ def test_resume_without_checkpoint_or_with_other_settings(tmp_path, capsys, digi
 
 
 def test_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys, digits):
-    run_local(tiny_cohort(tmp_path / "r", epochs=1), digits)
+    run_cohort(tiny_cohort(tmp_path / "r", epochs=1), digits)
     member = latest_checkpoint(tmp_path / "r") / "student0.pt"
     member.write_bytes(member.read_bytes()[:1000])
     args = ["dml", *BASE, "--runtime", "local", "--lr", "0.1", "--schedule", "cosine",
@@ -158,21 +158,22 @@ def test_non_finite_loss_stops_naming_member_epoch_step_and_keeps_checkpoint(tmp
     dml = methods.METHODS["dml"]
     steps_per_epoch = len(epoch_batches(digits.num_train, 64, 0, 0))
 
-    def poisoned(k, z, targets, labels, cfg):
-        loss = dml.loss(k, z, targets, labels, cfg)
-        return loss * float("nan") if k == 1 and poisoned.calls > steps_per_epoch else loss
+    class Poisoned(dml):   # student1's loss turns NaN at the first step of epoch 1
+        calls = 0
 
-    poisoned.calls = 0
-    original_targets = dml.targets
+        def targets(self, *args):
+            Poisoned.calls += 1
+            return super().targets(*args)
 
-    def counting_targets(*args):
-        poisoned.calls += 1
-        return original_targets(*args)
+        def loss(self, k, z, targets, labels):
+            loss = super().loss(k, z, targets, labels)
+            if k == 1 and Poisoned.calls > steps_per_epoch:
+                loss.terms["ce"] = loss.terms["ce"] * float("nan")
+            return loss
 
-    monkeypatch.setitem(methods.METHODS, "dml", methods.Method(
-        "dml", True, counting_targets, poisoned, dml.kd_term))
+    monkeypatch.setitem(methods.METHODS, "dml", Poisoned)
     with pytest.raises(TrainingDiverged, match=r"'student1' at epoch 1, step 0"):
-        run_local(tiny_cohort(tmp_path / "nan", epochs=3), digits)
+        run_cohort(tiny_cohort(tmp_path / "nan", epochs=3), digits)
     meta, states = read_checkpoint(latest_checkpoint(tmp_path / "nan"))
     assert meta["epochs_completed"] == 1
     assert all(torch.isfinite(v).all() for v in states["student1"]["model"].values()
@@ -194,7 +195,7 @@ def test_local_instance_dashboard_listens_on_loopback_with_token_auth():
     without the token. RAY_AUTH_* are removed from the child's environment: an earlier
     ray.init() in this process sets RAY_AUTH_MODE=token, and the default is what matters."""
     probe = ("import urllib.error, urllib.request\n"
-             "from cohort.cluster import connect\n"
+             "from cohort.ray.cluster import connect\n"
              "ctx = connect()\n"
              "print('DASHBOARD', ctx.dashboard_url)\n"
              "try:\n"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -55,6 +56,144 @@ def assert_no_grad(t):
 
 def assert_has_grad(t):
     assert t.grad is not None and torch.count_nonzero(t.grad) > 0
+
+
+# ----------------------------------------------------------------------------- old linear solver
+# Test-only reference: cohort.losses.kdcl_linear_weights as it was before it moved to torch on
+# the logits' device (numpy projected Newton with an active-set QP, float64 on the CPU), kept
+# verbatim apart from names so the torch solver can be compared against it.
+
+_REF_LINEAR_MAX_NEWTON = 30
+_REF_LINEAR_TOL = 1e-16
+_REF_LINEAR_MAX_HALVINGS = 30
+_REF_QP_MAX_ITER = 64
+
+
+def _ref_project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto {a ≥ 0, Σ a = 1} (sort-based, Duchi et al. 2008)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    idx = np.arange(1, v.size + 1)
+    rho = np.nonzero(u - css / idx > 0)[0][-1]
+    return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
+
+
+def _ref_simplex_qp(H: np.ndarray, c: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """Exact primal active-set solve of ``min ½ x'Hx + c'x`` s.t. ``x ≥ 0, Σ x = 1``.
+
+    ``H`` must be symmetric positive definite (the caller adds a ridge); ``x0`` feasible.
+    (Nocedal & Wright, Numerical Optimization, Alg. 16.3.)
+    """
+    k = c.size
+    x = x0.copy()
+    active = x <= 0.0
+    x[active] = 0.0
+    for _ in range(_REF_QP_MAX_ITER):
+        free = np.flatnonzero(~active)
+        n = free.size
+        grad = H @ x + c
+        kkt = np.zeros((n + 1, n + 1))
+        kkt[:n, :n] = H[np.ix_(free, free)]
+        kkt[:n, n] = 1.0
+        kkt[n, :n] = 1.0
+        rhs = np.zeros(n + 1)
+        rhs[:n] = -grad[free]
+        try:
+            sol = np.linalg.solve(kkt, rhs)
+        except np.linalg.LinAlgError:
+            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        p, nu = sol[:n], sol[n]
+        if np.max(np.abs(p)) <= 1e-14 * max(1.0, np.max(np.abs(x))):
+            # Stationary on this face: bound multipliers λ_i = grad_i + ν must be ≥ 0.
+            lam = np.where(active, grad + nu, np.inf)
+            j = int(np.argmin(lam))
+            if not active.any() or lam[j] >= -1e-14 * max(1.0, np.max(np.abs(grad))):
+                break
+            active[j] = False
+            continue
+        step, blocking = 1.0, -1
+        for i, pi in zip(free, p):
+            if pi < 0.0:
+                r = -x[i] / pi
+                if r < step:
+                    step, blocking = r, int(i)
+        x[free] += step * p
+        if blocking >= 0:
+            active[blocking] = True
+            x[blocking] = 0.0
+        np.maximum(x, 0.0, out=x)
+        if k - active.sum() < 1:  # never reached in exact arithmetic; keep feasible
+            return _ref_project_simplex(x0)
+    return x / x.sum()
+
+
+def _ref_kdcl_linear_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """KDCL-linear weights ``a = argmin_{a ∈ simplex} CE(Σ_k a_k z_k, y)`` (float64, CPU, K,).
+
+    Convex in ``a``; solved by a deterministic projected Newton method in float64: start at
+    the best of the uniform average and the K single students, then at most
+    ``_REF_LINEAR_MAX_NEWTON`` steps, each minimising the exact quadratic model (Hessian plus a
+    1e-10 relative ridge) over the simplex with an active-set solver, followed by Armijo
+    backtracking; stops once the Newton decrement is below ``_REF_LINEAR_TOL``. Every step is
+    monotone, so ``CE(result) ≤ min(CE(uniform), CE(z_k) for all k)``. Same inputs →
+    bit-identical weights.
+    """
+    members = L._stack_members("logits", logits)
+    k = len(members)
+    if k == 1:
+        return torch.ones(1, dtype=torch.float64)
+    with torch.no_grad():
+        z = torch.stack([m.detach() for m in members]).to("cpu", torch.float64)  # K×B×C
+        y = labels.detach().to("cpu", torch.long)
+        _, b, c = z.shape
+        zf = z.reshape(k, b * c)
+        zy = z.gather(2, y.view(1, b, 1).expand(k, b, 1)).squeeze(2)  # K×B
+        zy_sum = zy.sum(1)
+
+        def ce(a: torch.Tensor) -> float:
+            s = (a @ zf).view(b, c)
+            return float((torch.logsumexp(s, 1).sum() - a @ zy_sum) / b)
+
+        # Start: the best of uniform and every single student (a vertex).
+        ce_single = (torch.logsumexp(z, 2) - zy).mean(1)  # K
+        uniform = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        f = ce(uniform)
+        a = uniform
+        best = int(torch.argmin(ce_single))
+        if float(ce_single[best]) < f:
+            f = float(ce_single[best])
+            a = torch.zeros(k, dtype=torch.float64)
+            a[best] = 1.0
+
+        for _ in range(_REF_LINEAR_MAX_NEWTON):
+            s = (a @ zf).view(b, c)
+            p = torch.softmax(s, 1)
+            pz = z * p                                  # K×B×C
+            m = pz.sum(2)                               # K×B: E_p[z_k]
+            g = (m - zy).mean(1)                        # ∇ CE
+            h = (pz.reshape(k, b * c) @ zf.T - m @ m.T) / b   # ∇² CE (PSD)
+            h_np, g_np, a_np = h.numpy(), g.numpy(), a.numpy()
+            h_np = 0.5 * (h_np + h_np.T)
+            ridge = 1e-10 * max(float(np.trace(h_np)) / k, 1e-12)
+            h_np = h_np + ridge * np.eye(k)
+            x = _ref_simplex_qp(h_np, g_np - h_np @ a_np, a_np)
+            d = x - a_np
+            slope = float(g_np @ d)
+            if not slope < -_REF_LINEAR_TOL:
+                break
+            t, accepted = 1.0, False
+            for _ in range(_REF_LINEAR_MAX_HALVINGS):
+                cand = torch.from_numpy(np.maximum(a_np + t * d, 0.0))
+                cand = cand / cand.sum()
+                f_new = ce(cand)
+                if f_new <= f + 1e-4 * t * slope:
+                    accepted = True
+                    break
+                t *= 0.5
+            if not accepted or not f_new < f:
+                break
+            a, f = cand, f_new
+        return a.clone()
 
 
 # ----------------------------------------------------------------------------- soft_kl
@@ -487,7 +626,8 @@ def _bisect_simplex_projection(v):
 @pytest.mark.parametrize("v", [[0.5, 0.2, 0.9], [0.2, 0.3, 0.5], [3.0, -1.0, 0.0, 2.5],
                                [-2.0, -1.0, -3.0], [0.25], [1.0, 1.0, 1.0, 1.0]])
 def test_project_simplex_against_bisection(v):
-    got = L._project_simplex(np.array(v, dtype=np.float64))
+    # (checks the projection of the old-solver reference above)
+    got = _ref_project_simplex(np.array(v, dtype=np.float64))
     np.testing.assert_allclose(got, _bisect_simplex_projection(v), atol=1e-12)
     assert got.min() >= 0.0 and got.sum() == pytest.approx(1.0, abs=1e-12)
 
@@ -567,12 +707,18 @@ def test_single_member_cases():
 
 
 def test_kdcl_teachers_stay_on_the_logits_device():
-    """Built on the students' device (the meta device stands in for a GPU here)."""
+    """Built on the students' device (the meta device stands in for a GPU here). The meta
+    device holds no values, so any host read-back (``.item()``, ``bool(t)``, indexing by a
+    0-d tensor) raises there: the linear solve passing proves it never syncs off the CPU."""
     zs = [torch.randn(4, 3, device="meta") for _ in range(3)]
     y = torch.zeros(4, dtype=torch.long, device="meta")
-    for variant, weights in (("naive", None), ("minlogit", None), ("general", [0.2, 0.3, 0.5])):
+    for variant, weights in (("naive", None), ("minlogit", None), ("general", [0.2, 0.3, 0.5]),
+                             ("linear", None)):
         out = L.kdcl_teacher(zs, y, variant, weights)
-        assert out.device.type == "meta" and out.shape == (4, 3)
+        assert out.device.type == "meta" and out.shape == (4, 3) and out.dtype == torch.float32
+    for k in (1, 3, 8):
+        w = L.kdcl_linear_weights([torch.randn(4, 3, device="meta")] * k, y)
+        assert w.device.type == "meta" and w.dtype == torch.float64 and w.shape == (k,)
 
 
 def test_kdcl_weights_accept_int32_labels_and_unused_classes():
@@ -649,7 +795,119 @@ def test_simplex_qp_against_enumeration(seed):
     H = a @ a.T + 0.1 * np.eye(k)
     c = rng.normal(size=k) * (1 + seed % 3) * 2.0
     want = _qp_by_enumeration(H, c)
+    Ht, ct = torch.from_numpy(H), torch.from_numpy(c)
+    got = L._simplex_qp_supports(Ht, ct)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+    assert got.min().item() >= 0.0 and got.sum().item() == pytest.approx(1.0, abs=1e-12)
     for x0 in [np.full(k, 1.0 / k)] + [np.eye(k)[j] for j in range(k)]:
-        got = L._simplex_qp(H, c, x0)
+        got = L._simplex_qp_active_set(Ht, ct, torch.from_numpy(x0))
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+        assert got.min().item() >= 0.0 and got.sum().item() == pytest.approx(1.0, abs=1e-12)
+        got = _ref_simplex_qp(H, c, x0)        # the old solver's QP, kept as a reference
         np.testing.assert_allclose(got, want, atol=1e-10)
-        assert got.min() >= 0.0 and got.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- KDCL linear vs the old solver
+
+def _linear_case(seed):
+    """A random KDCL-linear problem: K = 2..5, B up to 128, C = 10 or 100; every fifth case
+    has one good student among bad ones (optimum at a vertex), every fifth one a student
+    anti-correlated with the labels (optimum on a face), every fifth two near-copies."""
+    g = torch.Generator().manual_seed(5000 + seed)
+    k = 2 + seed % 4
+    c = (10, 100)[seed // 4 % 2]
+    b = (8, 37, 64, 128)[seed // 2 % 4]
+    y = torch.randint(0, c, (b,), generator=g)
+    onehot = F.one_hot(y, c).double()
+
+    def draw(scale, bias):
+        return scale * torch.randn(b, c, generator=g, dtype=torch.float64) + bias * onehot
+
+    zs = [draw(0.3 + 3 * torch.rand((), generator=g).item(), 4 * torch.rand((), generator=g).item())
+          for _ in range(k)]
+    kind = seed % 5
+    if kind == 0:
+        zs = [zs[0]] + [draw(2.0, -3.0) for _ in range(k - 1)]
+    elif kind == 1:
+        zs[-1] = draw(1.0, -5.0)
+    elif kind == 2:
+        zs[-1] = zs[0] + 1e-3 * torch.randn(b, c, generator=g, dtype=torch.float64)
+    if seed % 7 == 3:
+        zs = [z.float() for z in zs]
+    return zs, y
+
+
+def test_kdcl_linear_matches_the_old_numpy_solver():
+    worst, on_boundary = 0.0, 0
+    for seed in range(50):
+        zs, y = _linear_case(seed)
+        want = _ref_kdcl_linear_weights(zs, y)
+        got = L.kdcl_linear_weights(zs, y)
+        assert got.dtype == torch.float64 and got.device == zs[0].device and got.shape == want.shape
+        delta = (got - want).abs().max().item()
+        assert delta <= 1e-6, (seed, got.tolist(), want.tolist())
+        worst = max(worst, delta)
+        assert got.min().item() >= 0.0 and got.sum().item() == pytest.approx(1.0, abs=1e-12)
+        on_boundary += int((got == 0).any().item())
+        # Monotone: no worse than the uniform average or any single student.
+        z64 = [z.double() for z in zs]
+        ce = _ce64(sum(w * z for w, z in zip(got.tolist(), z64)), y)
+        assert ce <= min(_ce64(sum(z64) / len(z64), y), *(_ce64(z, y) for z in z64)) + 1e-12
+    assert on_boundary >= 10      # vertices and faces were covered
+    assert worst < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 6, 13, 22, 39])
+def test_kdcl_linear_without_host_syncs_matches_and_repeats(seed):
+    """The sync-free form (what runs off the CPU: fixed Newton steps, masked updates, all step
+    sizes at once) gives the CPU form's weights, and the same bits every call."""
+    zs, y = _linear_case(seed)
+    members = L._stack_members("logits", zs)
+    early = L._linear_weights(members, y, early_exit=True)
+    fixed = L._linear_weights(members, y, early_exit=False)
+    torch.testing.assert_close(fixed, early, rtol=0, atol=1e-12)
+    assert torch.equal(L._linear_weights(members, y, early_exit=False), fixed)
+    torch.testing.assert_close(early, L.kdcl_linear_weights(zs, y), rtol=0, atol=0)
+
+
+class _LaggedPoll:
+    """Stands in for the CUDA poll: sees the stop flag `lag` iterations late."""
+
+    def __init__(self, lag):
+        self.lag, self.flags = lag, []
+
+    def stop(self, done):
+        self.flags.append(bool(done))
+        seen = len(self.flags) - 1 - self.lag
+        return seen >= 0 and self.flags[seen]
+
+
+@pytest.mark.parametrize("seed", [0, 13, 22])
+def test_kdcl_linear_leaving_the_sync_free_loop_early_changes_nothing(seed):
+    zs, y = _linear_case(seed)
+    fixed = L._linear_weights(zs, y, early_exit=False)
+    for lag in (0, 2):
+        poll = _LaggedPoll(lag)
+        assert torch.equal(L._linear_weights(zs, y, early_exit=False, poll=poll), fixed)
+        assert len(poll.flags) < L._LINEAR_MAX_NEWTON      # it did leave early
+        assert len(poll.flags) == poll.flags.index(True) + 1 + lag
+
+
+@pytest.mark.parametrize("k", [8, L._QP_ENUMERATE_MAX_K + 1])
+def test_kdcl_linear_many_students(k):
+    """K = 8 (255 supports enumerated) and, past the enumeration limit, the active-set QP."""
+    g = torch.Generator().manual_seed(12)
+    b, c = 64, 10
+    y = torch.randint(0, c, (b,), generator=g)
+    onehot = F.one_hot(y, c).double()
+    # Every third student is wrong on average (weight 0), the others mix.
+    zs = [1.5 * torch.randn(b, c, generator=g, dtype=torch.float64)
+          + (2.0 if i % 3 else -1.0) * onehot for i in range(k)]
+    want = _ref_kdcl_linear_weights(zs, y)
+    got = L.kdcl_linear_weights(zs, y)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    assert (got == 0).any() and (got > 0).sum() > 1
+    if k <= L._QP_ENUMERATE_MAX_K:
+        fixed = L._linear_weights(zs, y, early_exit=False)
+        torch.testing.assert_close(fixed, got, rtol=0, atol=1e-12)

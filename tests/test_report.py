@@ -58,7 +58,9 @@ def expected_stats(rows: list[dict]) -> dict[str, dict]:
     out = {}
     for member in {r["member"] for r in rows}:
         mine = sorted((r for r in rows if r["member"] == member), key=lambda r: r["epoch"])
-        best = max(mine, key=lambda r: (r["test_acc"], -r["epoch"]))
+        # "best": the best val_acc (earliest on ties) when the rows have one, else the final epoch
+        scored = [r for r in mine if r.get("val_acc") is not None]
+        best = max(scored, key=lambda r: (r["val_acc"], -r["epoch"])) if scored else mine[-1]
         out[member] = {"final": mine[-1]["test_acc"], "best": best["test_acc"],
                        "best_epoch": best["epoch"] + 1, "loss": mine[-1]["test_loss"]}
     return out
@@ -83,9 +85,9 @@ def synthetic_run(path: Path, config: dict, rows: list[dict], summary_extra: dic
 # ---- a real DML run on digits --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dml_run(tmp_path_factory, digits):
-    from cohort.engine import run_local
+    from cohort.runtime.local import run_cohort
     out = tmp_path_factory.mktemp("report") / "dml-r8x2"
-    run_local(tiny_cohort(out, epochs=2), dataset=digits)
+    run_cohort(tiny_cohort(out, epochs=2), dataset=digits)
     return out
 
 
@@ -221,6 +223,7 @@ def one_rows(epochs: int = 3) -> list[dict]:
             accs["branch1"] -= 15.0   # its best is not its last epoch
         for member, acc in accs.items():
             row = {"method": "one", "member": member, "epoch": e, "test_acc": float(acc),
+                   "val_acc": float(acc) + 1.0,   # the selection follows validation accuracy
                    "test_loss": 2.0 / (e + 1) + 0.01 * len(member), "lr": 0.1,
                    "epoch_seconds": 4.0 + e, "images_per_second": 900.0, "kd_weight": 0.5}
             if member.startswith("branch"):
@@ -251,7 +254,7 @@ def test_one_report_gated_ensemble_over_mean_branch(tmp_path):
     png_size(run / "curves.png")
     assert sorted(t for t in scalars(run / "tensorboard") if t.startswith("branch0/")) == [
         "branch0/epoch_seconds", "branch0/gate_weight", "branch0/images_per_second",
-        "branch0/kd_weight", "branch0/lr", "branch0/test_acc", "branch0/test_loss"]
+        "branch0/kd_weight", "branch0/lr", "branch0/test_acc", "branch0/test_loss", "branch0/val_acc"]
 
 
 def test_report_of_a_run_with_no_epochs_yet(tmp_path):

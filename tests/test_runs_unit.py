@@ -223,7 +223,7 @@ def test_append_metrics_writes_parquet_summary_and_scalars(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {"method": "dml", "epochs_completed": 2, "restarts": 1, "members": {
         "student0": {"best_test_acc": 55.0, "best_epoch": 1, "final_test_acc": 55.0,
-                     "final_epoch": 1}}}
+                     "final_epoch": 1}}, "selection": runs.SELECTION_RULES["final_epoch"]}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert _scalars(tmp_path / "tensorboard", "student0/test_acc") == [(0, 40.0), (1, 55.0)]
     assert _scalars(tmp_path / "tensorboard", "student0/lr") == [(0, pytest.approx(0.1)),
@@ -357,15 +357,24 @@ def test_read_checkpoint_errors_name_the_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------- summary
 
-def test_summarize_final_and_best_per_member():
-    rows = [_row("a", 2, 70.0), _row("a", 0, 50.0), _row("a", 1, 70.0), _row("a", 3, 60.0),
-            _row("b", 0, float("nan")), _row("b", 1, 30.0), _row("b", 2, None),
+def test_summarize_chooses_best_on_validation_never_on_test():
+    """With val_acc, "best" is the epoch of the best val_acc (earliest on ties) and reports
+    that epoch's test accuracy, even where another epoch tests higher; without, the final."""
+    rows = [_row("a", 2, 70.0, val_acc=80.0), _row("a", 0, 50.0, val_acc=60.0),
+            _row("a", 1, 90.0, val_acc=75.0), _row("a", 3, 60.0, val_acc=80.0),
+            _row("b", 0, float("nan")), _row("b", 1, 30.0, val_acc=float("nan")), _row("b", 2, None),
             {"member": "c", "epoch": 4}]
     out = runs.summarize(rows, {"method": "kdcl"})
-    assert out == {"method": "kdcl", "epochs_completed": 5, "members": {
-        "a": {"best_test_acc": 70.0, "best_epoch": 1, "final_test_acc": 60.0, "final_epoch": 3},
+    assert out == {"method": "kdcl", "epochs_completed": 5, "selection": runs.SELECTION_RULES["val_acc"],
+                   "members": {
+        "a": {"best_test_acc": 70.0, "best_epoch": 2, "best_val_acc": 80.0, "final_test_acc": 60.0,
+              "final_epoch": 3},
         "b": {"best_test_acc": 30.0, "best_epoch": 1, "final_test_acc": 30.0, "final_epoch": 1}}}
-    assert runs.summarize([], {}) == {"method": None, "epochs_completed": 0, "members": {}}
+    no_val = [{k: v for k, v in r.items() if k != "val_acc"} for r in rows if r["member"] == "a"]
+    plain = runs.summarize(no_val, {})["members"]["a"]
+    assert plain == {"best_test_acc": 60.0, "best_epoch": 3, "final_test_acc": 60.0, "final_epoch": 3}
+    assert runs.summarize([], {}) == {"method": None, "epochs_completed": 0, "members": {},
+                                      "selection": runs.SELECTION_RULES["final_epoch"]}
     zero = runs.summarize([_row("a", 0, 0.0)], {})["members"]["a"]
     assert zero == {"best_test_acc": 0.0, "best_epoch": 0, "final_test_acc": 0.0, "final_epoch": 0}
     assert math.isfinite(runs.summarize([_row("a", 0, 5)], {})["members"]["a"]["best_test_acc"])
@@ -401,3 +410,13 @@ def test_scalar_log_existing_empty_folder_has_no_purge(tmp_path, monkeypatch):
     log.write([_row("s", 3, 1.0)])
     log.close()
     assert seen == [None]
+
+
+def test_metrics_keep_columns_that_only_later_rows_have(tmp_path):
+    """A column only some members have (a leader's train_loss, a mean network's val_acc) is
+    kept even when the first row lacks it: pyarrow alone takes the first row's columns."""
+    run = RunDir(tmp_path, {"method": "pcl"}).start()
+    run.append_metrics([_row("branch0", 0, 40.0), _row("ema0", 0, 30.0, val_acc=35.0)])
+    table = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
+    assert [r.get("val_acc") for r in table] == [None, 35.0]
+    run._scalars.close()

@@ -298,22 +298,26 @@ TRAIN = ["--dataset", "digits", "--batch-size", "64", "--epochs", "1",
          "--max-concurrent", "1"]
 
 
-def test_one_sweep_over_branch_counts(tmp_path):
-    """ONE trials run a TorchTrainer inside the Tune trainable; the branch count is searched
-    and each trial's rows (and the metric forwarded to Tune) have that many branches."""
-    code = main(["sweep", "--method", "one", "--arch", "resnet8", *TRAIN, "--rampup-epochs", "0",
-                 "--grid", "branches=2,3", "--metric", "best_branch", "--name", "one",
-                 "--storage", str(tmp_path)])
+@pytest.mark.parametrize("method, counts", [("one", [2, 3]), ("pcl", [2])])
+def test_multi_branch_sweep_over_branch_counts(tmp_path, method, counts):
+    """ONE (and PCL, another Ray Train method, in one trial) run a TorchTrainer inside the
+    Tune trainable; the branch count is searched and each trial's rows (and the metric
+    forwarded to Tune) have that many branches."""
+    from cohort import methods
+    code = main(["sweep", "--method", method, "--arch", "resnet8", *TRAIN, "--rampup-epochs", "0",
+                 "--grid", "branches=" + ",".join(map(str, counts)), "--metric", "best_branch",
+                 "--name", method, "--storage", str(tmp_path)])
     assert code == 0
-    rows = {r["branches"]: r for r in results(tmp_path / "one")}
-    assert sorted(rows) == [2, 3]
+    rows = {r["branches"]: r for r in results(tmp_path / method)}
+    assert sorted(rows) == counts
     for branches, row in rows.items():
         assert row["status"] == "completed" and row["epochs"] == 1
         assert 0 < row["final_best_branch"] <= 100 and row["final_average"] is not None
         members = {r["member"] for r in pq.read_table(Path(row["run_dir"]) / "metrics.parquet").to_pylist()}
-        assert members == {f"branch{i}" for i in range(branches)} | {"ensemble", "average"}
-    best = json.loads((tmp_path / "one" / "best.json").read_text())
-    assert best["metric"] == "best_branch" and best["params"]["branches"] in (2, 3)
+        cfg = methods.get(method).Config(branches=branches)
+        assert members == set(methods.get(method).members(cfg))
+    best = json.loads((tmp_path / method / "best.json").read_text())
+    assert best["metric"] == "best_branch" and best["params"]["branches"] in counts
 
 
 def test_kd_sweep_reports_the_student_stage(tmp_path):

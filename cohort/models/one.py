@@ -33,18 +33,26 @@ class Branch(nn.Module):
         return self.classifier(global_pool(self.last_stage(features)))
 
 
+def share_trunk(net: nn.Module, arch: str, num_classes: int, branches: int, in_channels: int):
+    """Give `net` (ONE, OKDDip, PCL) the trunk of a plain `arch` and m branches: that
+    network's last stage and classifier, then m − 1 copies initialised afresh. Returns the
+    plain network (its sizes)."""
+    base = build_model(arch, num_classes, in_channels)
+    net.arch, net.num_classes, net.in_channels = arch, num_classes, in_channels
+    net.num_branches = branches
+    net.trunk = base.trunk
+    first = Branch(base.last_stage, base.classifier)
+    net.branches = nn.ModuleList([first] + [init_weights(copy.deepcopy(first))
+                                            for _ in range(branches - 1)])
+    return base
+
+
 class OneNet(nn.Module):
     def __init__(self, arch: str, num_classes: int, branches: int, in_channels: int = 3):
         super().__init__()
         if branches < 2:
             raise ValueError(f"--branches must be >= 2 for ONE (got {branches})")
-        base = build_model(arch, num_classes, in_channels)
-        self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
-        self.num_branches = branches
-        self.trunk = base.trunk
-        first = Branch(base.last_stage, base.classifier)
-        self.branches = nn.ModuleList(
-            [first] + [init_weights(copy.deepcopy(first)) for _ in range(branches - 1)])
+        base = share_trunk(self, arch, num_classes, branches, in_channels)
         self.gate = nn.Sequential(
             nn.Linear(base.trunk_channels, branches),
             nn.BatchNorm1d(branches),

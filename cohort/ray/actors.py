@@ -2,7 +2,7 @@
 
 The driver starts the actors in a placement group, runs epochs, writes the run directory and
 recovers from a dead actor by restoring the whole cohort from the last checkpoint. It is not
-on the per-step path: the actors exchange logits among themselves (cohort.exchange).
+on the per-step path: the actors exchange logits among themselves (cohort.ray.exchange).
 """
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ from typing import Callable
 
 import ray
 import torch
-import torch.nn.functional as F
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .. import methods
+from ..config import CohortConfig
+from ..data import Dataset, epoch_batches
+from ..errors import RunFailed, TrainingDiverged
+from ..metrics import accuracy_and_loss
+from ..progress import epoch_line, say, step_bar
+from ..runs import latest_checkpoint
+from ..runtime.common import (cohort_rows, general_weights, prepare_run, restore_point,
+                              run_summary, should_checkpoint)
+from ..student import DataSpec, Student, resolve_device
 from .cluster import bundle, connect, reserve, unit_resources
-from .config import CohortConfig
-from .data import Dataset, epoch_batches
-from .errors import RunFailed, TrainingDiverged
-from .engine import (epoch_rows, general_weights, prepare_run, restore_point, run_summary,
-                     should_checkpoint)
 from .exchange import CollectiveExchange, StoreExchange
-from .methods import get_method, needs_general_weights
-from .metrics import accuracy_and_loss
-from .progress import epoch_line, say, step_bar
-from .runs import latest_checkpoint
-from .student import DataSpec, Student, resolve_device
 from .telemetry import Telemetry
 
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -62,13 +61,13 @@ class StudentWorker:
 
     def __init__(self, index: int, arch: str, cfg: dict, data: dict, threads: int):
         torch.set_num_threads(max(1, threads))
-        self.cfg = CohortConfig(**cfg)
+        self.cfg = methods.load_config(cfg)
         self.dataset = dataset_from_arrays(data)
         self.device = resolve_device("cuda" if torch.cuda.is_available() and self.cfg.device != "cpu"
                                      else "cpu")
         self.student = Student(index, arch, self.cfg, DataSpec.of(self.dataset, self.cfg.crop_padding),
                                self.device)
-        self.method = get_method(self.cfg.method)
+        self.method = methods.of(self.cfg)
         self.exchange = None
         self._steps_done = 0
         self.telemetry = Telemetry(self.cfg.name, self.cfg.method, self.student.name)
@@ -129,21 +128,16 @@ class StudentWorker:
             images, labels = self.train_images[idx], self.train_labels[idx]
             logits = student.forward(images, step)
             key = (epoch, step)
-            if self.method.uses_peers:
-                self.exchange.publish(key, logits)
-            with torch.no_grad():  # needs no peer: overlaps the exchange
-                ce = F.cross_entropy(logits, labels)
             all_logits, exposed = None, 0.0
             if self.method.uses_peers:
+                self.exchange.publish(key, logits)
                 started = time.perf_counter()
                 all_logits = self.exchange.gather(key)
                 exposed = time.perf_counter() - started
                 waited += exposed
-            targets = self.method.targets(all_logits, labels, cfg, weights)
-            loss = self.method.loss(student.index, logits, targets, labels, cfg)
-            with torch.no_grad():
-                kd = self.method.kd_term(student.index, logits.detach(), targets, cfg)
-            loss_value = student.learn(loss, logits, labels, ce, kd, step)
+            targets = self.method.targets(all_logits, labels, weights)
+            loss = self.method.loss(student.index, logits, targets, labels)
+            loss_value = student.learn(loss, logits, labels, step)
             step_seconds = time.perf_counter() - step_started
             self.telemetry.step(loss_value, step_seconds, exposed, len(labels))
             if cfg.progress and time.monotonic() - last_print > PROGRESS_SECONDS:
@@ -153,10 +147,12 @@ class StudentWorker:
         stats = student.end_epoch()
         stats["exchange_seconds"] = waited
         test_logits = student.predict(self.dataset.test_images, cfg.eval_batch_size)
+        val_logits = (student.predict(self.dataset.val_images, cfg.eval_batch_size)
+                      if self.dataset.val_images is not None else None)
         self.telemetry.flush()
         self.telemetry.set(epoch=epoch + 1,
                            test_accuracy=accuracy_and_loss(test_logits, self.dataset.test_labels)[0])
-        return {"lr": lr, "stats": stats, "test_logits": test_logits}
+        return {"lr": lr, "stats": stats, "test_logits": test_logits, "val_logits": val_logits}
 
     def close(self) -> None:
         if self.exchange is not None:
@@ -236,7 +232,7 @@ def enclosing_group(students: int):
     return None
 
 
-def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int = 3,
+def run_ray(cfg: CohortConfig, dataset: Dataset | None = None,
             on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Train the cohort as Ray actors; returns the summary. `on_epoch(rows)` is called after
     every epoch's metrics are written (Ray Tune reports through it)."""
@@ -255,7 +251,7 @@ def run_ray(cfg: CohortConfig, dataset: Dataset | None = None, max_restarts: int
     data_ref = ray.put(dataset_arrays(dataset))
     placement = (group, first_bundle, cpus, gpus)
     try:
-        return _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch)
+        return _train(cfg, run, dataset, data_ref, placement, cfg.max_restarts, on_epoch)
     finally:
         if owned:
             ray.util.remove_placement_group(group)
@@ -304,7 +300,7 @@ def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> di
 def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> list[dict]:
     started = time.perf_counter()
     weights = None
-    if needs_general_weights(cfg):
+    if methods.of(cfg).needs_val_weights():
         weights = general_weights(cohort.call("predict", "val"), dataset.val_labels)
     steps = len(epoch_batches(dataset.num_train, cfg.batch_size, cfg.seed, epoch))
     with step_bar(steps, f"epoch {epoch + 1}", cfg.progress) as bar:
@@ -315,9 +311,10 @@ def _run_epoch(cfg, run, dataset, cohort: ActorCohort, epoch: int) -> list[dict]
                     bar.update(ray.get(done[0]) - bar.n)
         results = cohort.gather([a.run_epoch.remote(epoch, weights) for a in cohort.actors],
                                 show_progress)
-    rows = epoch_rows(cfg, epoch, results[0]["lr"], cohort.names, [r["stats"] for r in results],
-                      [r["test_logits"] for r in results], dataset.test_labels,
-                      time.perf_counter() - started)
+    val = [r["val_logits"] for r in results] if dataset.val_images is not None else None
+    rows = cohort_rows(cfg, epoch, results[0]["lr"], cohort.names, [r["stats"] for r in results],
+                       [r["test_logits"] for r in results], dataset.test_labels,
+                       time.perf_counter() - started, val, dataset.val_labels)
     run.append_metrics(rows)
     Telemetry(cfg.name, cfg.method, "ensemble").set(epoch=epoch + 1, test_accuracy=rows[-1]["test_acc"])
     if should_checkpoint(cfg, epoch):

@@ -9,9 +9,7 @@ import ray
 import ray.job_config
 from ray.util.placement_group import placement_group, remove_placement_group
 
-
-class ResourceError(RuntimeError):
-    """The cluster cannot fit what a run asks for; says what was asked and what exists."""
+from ..errors import ResourceError  # noqa: F401  (raised here; callers import it from here too)
 
 
 def connect(method: str = "", run: str = "", address: str | None = None):

@@ -1,0 +1,219 @@
+"""One NetworkMethod as a data-parallel Ray Train job (TorchTrainer + DDP).
+
+    run_train_job(method, run, dataset) -> summary
+
+The driver checks that the cluster can hold the workers, writes the run directory's
+config.json, puts the dataset into the object store once and starts a TorchTrainer with
+N workers (gloo on CPU, nccl on GPU). Each worker runs the loop every runtime runs
+(`cohort.runtime.network.train`) on a `RayHost`: with N > 1 every BatchNorm is synchronised
+(`cohort.sync_bn`) and the model wrapped in DDP by `ray.train.torch.prepare_model`, so N
+workers compute what one worker computes with the same global batch (up to float rounding);
+the epoch statistics are all-reduced; rank 0's rows and checkpoints go to `ray.train.report`.
+
+Checkpoints live in RUN/checkpoints/epoch-NNNN/ (RunConfig storage_path=RUN, name
+"checkpoints"), each a cohort checkpoint (meta.json + train_state.pt) that `runs.py` can
+read. Rerunning with `resume` makes Ray Train load its snapshot of that folder, so
+`ray.train.get_checkpoint()` returns the latest one (the run directory's latest checkpoint is
+the fallback when Ray has no snapshot); FailureConfig(max_failures) restarts a failed worker
+group from the latest checkpoint within one run. The metric rows travel with the report to a
+callback on the Train controller (on the driver's node), which appends them to
+RUN/metrics.parquet and prints the epoch line. After training, `method.finish` runs on the
+driver with the method state of the final checkpoint (ONE writes best_student.pt there).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig, UserCallback)
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import TrainJobConfig
+from ..data import Dataset
+from ..errors import TrainingDiverged
+from ..methods import NetworkMethod
+from ..progress import say
+from ..runs import RunDir, latest_checkpoint, load_checkpoint_file, write_json
+from ..runtime.common import write_summary
+from ..runtime.network import Host, train
+from ..sync_bn import synchronise_batchnorm
+from .actors import dataset_arrays, dataset_from_arrays
+from .cluster import ResourceError, cluster_totals, connect, describe, unit_resources
+from .telemetry import Telemetry
+
+STORAGE_NAME = "checkpoints"      # Ray Train's run name: its folder is RUN/checkpoints
+STATE_FILE = "train_state"        # RUN/checkpoints/epoch-NNNN/train_state.pt
+
+
+# ---- resources ------------------------------------------------------------------------------
+def worker_resources(cfg: TrainJobConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) per worker, after checking that the cluster can hold N of them at all."""
+    totals = cluster_totals()
+    cpus, gpus = unit_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
+                                use_gpus=cfg.device != "cpu")
+    asked = {"CPU": cpus * cfg.workers, "GPU": gpus * cfg.workers}
+    if any(asked[k] > totals[k] + 1e-9 for k in asked):
+        raise ResourceError(f"{cfg.workers} workers ask for {describe(asked)} "
+                            f"(CPU {cpus:g}, GPU {gpus:g} each), but the cluster has {describe(totals)}")
+    return float(cpus), float(gpus)
+
+
+# ---- the driver ------------------------------------------------------------------------------
+def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
+                  callbacks: list | None = None) -> dict:
+    """Train `task` as a Ray Train job writing the run directory `run` (planned, not started);
+    returns the summary. `callbacks` are extra Ray Train UserCallbacks (a sweep's forwarder of
+    rank 0's rows to Tune). Raises ResourceError before writing anything when the cluster is too
+    small, TrainingDiverged on a non-finite loss, ray.train.TrainingFailedError otherwise."""
+    cfg = task.cfg
+    connect(cfg.method, cfg.name)
+    cpus, gpus = worker_resources(cfg)
+    run.path = run.path.resolve()   # workers and the controller have other working directories
+    latest = latest_checkpoint(run.path) if cfg.resume else None
+    resumed_from = _epochs_completed(latest) if latest else 0
+    run.start()
+    writer = _RunDirWriter(run, task, cfg.progress)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"task": task, "data": ray.put(dataset_arrays(dataset)),
+                           "threads": max(1, int(cpus)),
+                           "resume_from": str(latest) if latest else None},
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
+                                     resources_per_worker=_bundle(cpus, gpus)),
+        run_config=RunConfig(
+            name=STORAGE_NAME, storage_path=str(run.path),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[writer, *(callbacks or [])], logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise _diverged(exc) or exc
+    extra = {"workers": cfg.workers}
+    if resumed_from:
+        extra["resumed_from_epoch"] = resumed_from
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            state = load_checkpoint_file(Path(folder) / f"{STATE_FILE}.pt")
+        extra.update(task.finish(run.path, state.get("task", {})))
+    return write_summary(run, cfg, extra)
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
+
+
+def _epochs_completed(checkpoint_dir: Path) -> int:
+    return int(json.loads((Path(checkpoint_dir) / "meta.json").read_text())["epochs_completed"])
+
+
+def _diverged(exc: Exception) -> TrainingDiverged | None:
+    for failure in getattr(exc, "worker_failures", {}).values():
+        if isinstance(failure, TrainingDiverged):
+            return failure
+    return None
+
+
+class _RunDirWriter(UserCallback):
+    """Runs on the Train controller: appends rank 0's rows to RUN/metrics.parquet and prints
+    the epoch line. Rows of epochs a restarted worker group trains again are replaced."""
+
+    def __init__(self, run: RunDir, task: NetworkMethod, progress: bool):
+        self.run, self.task, self.progress = run, task, progress
+        self.restarts = 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        report = metrics[0] if metrics else {}
+        rows = report.get("rows")
+        if not rows:
+            return
+        self.run.truncate_metrics(report["epoch"])
+        self.run.append_metrics(rows)
+        if self.progress:
+            say(self.task.epoch_line(rows))
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.restarts += 1
+        self.run.extra_summary["restarts"] = self.restarts
+        if self.progress:
+            ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+            say(f"[{self.task.cfg.name}] worker(s) {ranks} failed; Ray Train restarts the group "
+                f"from the latest checkpoint if --max-failures allows")
+
+
+# ---- the workers -----------------------------------------------------------------------------
+class RayHost(Host):
+    """The loop's host inside a Ray Train worker."""
+
+    def __init__(self, config: dict, method: NetworkMethod):
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.method, self.resume_from = method, config["resume_from"]
+        cfg = method.cfg
+        self.telemetry = Telemetry(cfg.name, cfg.method, f"worker{self.rank}")   # live, per worker
+
+    def prepare(self, model):
+        if self.world > 1:
+            model = synchronise_batchnorm(model, self.device)
+        return ray.train.torch.prepare_model(model)   # to the device; DDP when world > 1
+
+    def all_reduce(self, sums):
+        if self.world > 1:
+            dist.all_reduce(sums)
+
+    def start_state(self):
+        # Ray Train's latest checkpoint of this run (after a restart, or from its snapshot of
+        # RUN/checkpoints when resuming); the run directory's latest if Ray has no snapshot
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.resume_from:
+            checkpoint = Checkpoint.from_directory(self.resume_from)
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint_file(Path(folder) / f"{STATE_FILE}.pt")
+
+    def on_step(self, value, seconds, samples):
+        self.telemetry.step(value, seconds, None, samples)
+
+    def on_epoch(self, epoch, rows):
+        cfg = self.method.cfg
+        for row in rows or []:   # live test accuracy per member (branch, ensemble, student)
+            Telemetry(cfg.name, cfg.method, str(row["member"])).set(
+                epoch=epoch + 1, test_accuracy=row["test_acc"])
+        self.telemetry.flush()
+        self.telemetry.set(epoch=epoch + 1)
+
+    def report(self, epoch, rows, checkpointing, state):
+        report = {"epoch": epoch, "rows": rows} if self.rank == 0 else {"epoch": epoch}
+        if not checkpointing:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory(prefix="cohort-ckpt-") as folder:
+            checkpoint = _save(Path(folder), state, self.method.cfg) if state is not None else None
+            ray.train.report(report, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def _worker_loop(config: dict) -> None:
+    method: NetworkMethod = config["task"]
+    torch.set_num_threads(config["threads"])
+    logging.getLogger().setLevel(logging.WARNING)   # Ray Train logs every report at INFO
+    dataset = dataset_from_arrays(ray.get(config["data"]))
+    train(method, dataset, RayHost(config, method))
+
+
+def _save(folder: Path, state: dict, cfg) -> Checkpoint:
+    torch.save(state, folder / f"{STATE_FILE}.pt")
+    write_json(folder / "meta.json", {"epochs_completed": state["epochs_completed"],
+                                      "members": [STATE_FILE], "method": cfg.method, "name": cfg.name})
+    return Checkpoint.from_directory(str(folder))
