@@ -102,6 +102,11 @@ class JobConfig:
     milestones: list[int] = setting(factory=list, help="step schedule: comma list of epochs "
                                     "(default 50%,75% of --epochs)", check=at_least(1))
     gamma: float = setting(0.1, "step schedule decay factor", check=above(0))
+    warmup_epochs: float = setting(0.0, "linear learning-rate warm-up over the first N epochs, "
+                                        "per step (0: none)", check=at_least(0))
+    zero_init_residual: bool = setting(False, "start each residual block's last BatchNorm scale "
+                                              "at 0, so every block starts as the identity (deep "
+                                              "ResNets at lr 0.1 need it on small images)")
     temperature: float = setting(3.0, "softmax temperature T of the KL terms", check=above(0))
     kd_weight: float = setting(1.0, "lambda, the weight of the KL terms", check=at_least(0))
     # the run

@@ -19,6 +19,12 @@ Datasets (`load_dataset(name, data_dir)`):
   are read with an unpickler that only admits numpy arrays). When the files are missing and
   ``download`` is true, torchvision downloads them first; offline, that fails with a
   ``DataError`` naming ``--data-dir``.
+* ``fashion-mnist`` / ``mnist``: the four idx files (``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+  optionally ``.gz``) in torchvision's layout (``data_dir/FashionMNIST/raw/``,
+  ``data_dir/MNIST/raw/``) or directly in ``data_dir``; downloaded by torchvision where a
+  network exists. Fashion-MNIST defaults to ``/usr/share/datasets/fashion-mnist`` when the
+  Debian package ``dataset-fashion-mnist`` is installed. 28x28, 1 channel, 10 classes.
 * ``parquet``: ``data_dir`` is a ``.parquet`` file or a directory. Schema:
 
   - ``label``: integer class, 0 <= label < num_classes, no nulls.
@@ -63,7 +69,7 @@ import torch
 
 from .errors import UsageError
 
-DATASETS = ("cifar10", "cifar100", "digits", "parquet", "synthetic")
+DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist", "mnist", "parquet", "synthetic")
 
 # Seed domains of derive_seed (the students use 101 and 202), so no two draws share a seed.
 _ORDER_STREAM, _VAL_STREAM, _SYNTHETIC_STREAM = 303, 404, 505
@@ -306,6 +312,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_fr
         dataset = _load_synthetic(synthetic_samples, synthetic_shape, synthetic_classes)
     elif name == "parquet":
         dataset = _load_parquet(data_dir)
+    elif name in _IDX:
+        dataset = _load_idx(name, data_dir, download)
     else:
         dataset = _load_cifar(name, data_dir, download)
     return validation_split(dataset, val_fraction, seed) if val_fraction else dataset
@@ -471,6 +479,94 @@ def _load_cifar(name: str, data_dir, download: bool) -> Dataset:
     test = [_read_cifar_file(where / f, label_key, classes) for f in test_files]
     return _make_dataset(name, torch.cat([i for i, _ in train]), torch.cat([l for _, l in train]),
                          torch.cat([i for i, _ in test]), torch.cat([l for _, l in test]), classes)
+
+
+# ---- MNIST and Fashion-MNIST (idx files) ---------------------------------------------------------
+# name -> (torchvision's folder, torchvision class, the Debian package's folder or None, title)
+_IDX = {"fashion-mnist": ("FashionMNIST", "FashionMNIST", "/usr/share/datasets/fashion-mnist",
+                          "Fashion-MNIST"),
+        "mnist": ("MNIST", "MNIST", None, "MNIST")}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folder(root: Path, folder: str) -> Path | None:
+    """Where the four idx files are: torchvision's ROOT/FOLDER/raw, ROOT/FOLDER, or ROOT."""
+    for candidate in (root / folder / "raw", root / folder, root):
+        if all(_idx_file(candidate, stem) for stem in _IDX_FILES):
+            return candidate
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (LeCun's MNIST format, optionally gzipped) as a uint8 array: a big-endian
+    header (0, 0, type 0x08 = uint8, number of dimensions), the dimensions as int32, the data."""
+    import gzip
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError("--data-dir", f"{path} cannot be read ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError("--data-dir", f"{path} is not an idx file of uint8 (bad header)")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4).astype(np.int64)
+    body = 4 + 4 * ndim
+    if len(data) - body != int(np.prod(dims)):
+        raise DataError("--data-dir", f"{path}: {len(data) - body} bytes of data for dimensions "
+                                      f"{tuple(dims.tolist())}")
+    return np.frombuffer(data, dtype=np.uint8, offset=body).reshape(tuple(dims.tolist()))
+
+
+def _download_idx(name: str, root: Path) -> None:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, _IDX[name][1])
+    with _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT), contextlib.redirect_stdout(io.StringIO()):
+        cls(str(root), train=True, download=True)
+
+
+def _load_idx(name: str, data_dir, download: bool) -> Dataset:
+    """MNIST-format files: torchvision's layout under --data-dir (downloaded there where a
+    network exists), or a directory holding the four idx files; Fashion-MNIST defaults to
+    the Debian package's /usr/share/datasets/fashion-mnist when it is installed."""
+    folder, _, packaged, title = _IDX[name]
+    if data_dir is None:
+        root = Path(packaged) if packaged and Path(packaged).is_dir() else Path(_DEFAULT_CIFAR_DIR)
+    else:
+        root = _existing_dir(data_dir)
+    where = _idx_folder(root, folder) if root.is_dir() else None
+    if where is None and download:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _download_idx(name, root)
+        except Exception as exc:   # offline, timeouts, checksums: one message
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise DataError("--data-dir", f"{title} is not under {root} and could not be "
+                                          f"downloaded ({reason}); put its four idx files there"
+                                          + (" or apt-get install dataset-fashion-mnist"
+                                             if packaged else "")) from None
+        where = _idx_folder(root, folder)
+    if where is None:
+        raise DataError("--data-dir", f"{title}'s idx files ({', '.join(_IDX_FILES)}, optionally "
+                                      f".gz) are not under {root}")
+    arrays = [read_idx(_idx_file(where, stem)) for stem in _IDX_FILES]
+    images = [torch.from_numpy(a.copy()).unsqueeze(1) for a in (arrays[0], arrays[2])]
+    labels = [torch.from_numpy(a.astype(np.int64)) for a in (arrays[1], arrays[3])]
+    for kind, imgs, labs in (("train", images[0], labels[0]), ("test", images[1], labels[1])):
+        if imgs.dim() != 4 or len(imgs) != len(labs):
+            raise DataError("--data-dir", f"{where}: {kind} images {tuple(imgs.shape)} do not "
+                                          f"match {len(labs)} labels")
+    return _make_dataset(name, images[0], labels[0], images[1], labels[1],
+                         int(max(labels[0].max(), labels[1].max())) + 1 if len(labels[0]) else 10)
 
 
 # ---- Parquet ----------------------------------------------------------------------------------

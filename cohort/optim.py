@@ -30,6 +30,14 @@ def learning_rate(base_lr: float, schedule: str, epoch: int, epochs: int,
     raise ValueError(f"unknown schedule {schedule!r}; choose from: {', '.join(SCHEDULES)}")
 
 
+def warmup_factor(epoch: int, step: int, steps: int, warmup_epochs: float) -> float:
+    """Linear learning-rate warm-up (Goyal et al. 2017): the scheduled rate times
+    (optimizer steps so far + 1) / (warm-up steps) during the first `warmup_epochs`, 1 after."""
+    total = warmup_epochs * steps
+    done = epoch * steps + step + 1
+    return 1.0 if total <= 0 or done >= total else done / total
+
+
 def make_optimizer(params, lr: float, momentum: float, weight_decay: float,
                    nesterov: bool = False) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,

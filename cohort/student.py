@@ -13,7 +13,8 @@ import torch
 
 from .data import augment_batch, derive_seed, normalize_batch
 from .models import build_model
-from .optim import learning_rate, make_optimizer, set_learning_rate
+from .models.base import zero_init_residual
+from .optim import learning_rate, make_optimizer, set_learning_rate, warmup_factor
 from .step import EpochStats, StepLoss, take_step
 
 INIT_STREAM, VIEW_STREAM = 101, 202  # seed domains, so init and augmentation never share a seed
@@ -25,11 +26,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seeded_model(arch: str, num_classes: int, in_channels: int, seed: int, member: int):
-    """The initial model of member `member`, without touching the global RNG."""
+def seeded(seed: int, member: int, build, zero_residual: bool = False):
+    """The network `build()` makes for member `member`, its initial weights a pure function of
+    (seed, member), without touching the global RNG; `zero_residual`: every residual block
+    starts as the identity (cohort.models.base.zero_init_residual)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT_STREAM, member))
-        return build_model(arch, num_classes, in_channels)
+        model = build()
+    return zero_init_residual(model) if zero_residual else model
+
+
+def seeded_model(arch: str, num_classes: int, in_channels: int, seed: int, member: int,
+                 zero_residual: bool = False):
+    """The initial plain `arch` network of member `member` (see `seeded`)."""
+    return seeded(seed, member, lambda: build_model(arch, num_classes, in_channels), zero_residual)
 
 
 @dataclass
@@ -52,7 +62,8 @@ class Student:
     def __init__(self, index: int, arch: str, cfg, spec: DataSpec, device: torch.device):
         self.index, self.arch, self.cfg, self.spec, self.device = index, arch, cfg, spec, device
         self.name = f"student{index}"
-        self.model = seeded_model(arch, spec.num_classes, spec.in_channels, cfg.seed, index).to(device)
+        self.model = seeded_model(arch, spec.num_classes, spec.in_channels, cfg.seed, index,
+                                  cfg.zero_init_residual).to(device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.lr, cfg.momentum,
                                         cfg.weight_decay, cfg.nesterov)
         # DML peers share views unless asked otherwise; KDCL students each draw their own.
@@ -61,10 +72,12 @@ class Student:
         self._stats = None
 
     # ---- training -----------------------------------------------------------------------
-    def begin_epoch(self, epoch: int) -> float:
-        self.epoch = epoch
+    def begin_epoch(self, epoch: int, steps: int = 1) -> float:
+        """Start epoch `epoch` of `steps` optimizer steps; returns its scheduled learning rate."""
+        self.epoch, self.steps = epoch, steps
         lr = learning_rate(self.cfg.lr, self.cfg.schedule, epoch, self.cfg.epochs,
                            self.cfg.milestones, self.cfg.gamma)
+        self.lr = lr
         set_learning_rate(self.optimizer, lr)
         self.model.train()
         self._stats = EpochStats(self.device)
@@ -81,6 +94,9 @@ class Student:
     def learn(self, loss: StepLoss, logits: torch.Tensor, labels: torch.Tensor, step: int) -> float:
         """One optimizer step on the method's loss terms (cohort.step); returns the total."""
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
+        if self.cfg.warmup_epochs > 0:
+            set_learning_rate(self.optimizer, self.lr * warmup_factor(
+                self.epoch, step, self.steps, self.cfg.warmup_epochs))
         return take_step(self.optimizer, loss, self.name, self.epoch, step, self._stats,
                          len(labels), extra={"acc": accuracy})
 

@@ -506,3 +506,67 @@ def test_synthetic_is_fixed():
     assert a.train_images.shape == (64, 3, 16, 16) and a.test_images.shape == (16, 3, 16, 16)
     assert a.num_classes == 5 and int(a.train_labels.max()) < 5 and a.crop_padding == 2
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
+
+
+# ---- MNIST-format files (fashion-mnist, mnist) --------------------------------------------------
+def write_idx(path, array, gz=False):
+    """An idx file as LeCun's format defines it: 0, 0, 0x08 (uint8), ndim, big-endian dims."""
+    import gzip
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    (gzip.open if gz else open)(path, "wb").write(header + array.tobytes())
+
+
+def write_mnist(folder, train=40, test=20, gz=False, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    parts = {"train": (g.integers(0, 256, (train, 28, 28)), np.arange(train) % 10),
+             "t10k": (g.integers(0, 256, (test, 28, 28)), np.arange(test) % 10)}
+    suffix = ".gz" if gz else ""
+    for split, (images, labels) in parts.items():
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
+    return parts
+
+
+@pytest.mark.parametrize("name, layout, gz", [("fashion-mnist", "FashionMNIST/raw", True),
+                                              ("mnist", "MNIST/raw", False),
+                                              ("fashion-mnist", "", False)])
+def test_mnist_format_files_load_from_torchvisions_layout_or_a_plain_folder(tmp_path, name, layout, gz):
+    parts = write_mnist(tmp_path / layout if layout else tmp_path, gz=gz)
+    dataset = data.load_dataset(name, tmp_path, download=False)
+    assert dataset.train_images.shape == (40, 1, 28, 28) and dataset.test_images.shape == (20, 1, 28, 28)
+    assert torch.equal(dataset.train_images[:, 0], torch.from_numpy(parts["train"][0].astype(np.uint8)))
+    assert dataset.test_labels.tolist() == parts["t10k"][1].tolist()
+    assert dataset.num_classes == 10 and dataset.crop_padding == 4 and len(dataset.mean) == 1
+
+
+def test_bad_or_missing_idx_files_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match=r"--data-dir.*idx files"):
+        data.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match=r"not an idx file of uint8"):
+        data.load_dataset("mnist", tmp_path, download=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(19))   # 19 labels for 20 images
+    with pytest.raises(DataError, match=r"do not match 19 labels"):
+        data.load_dataset("mnist", tmp_path, download=False)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_loads_fast_and_a_cohort_learns_on_it(tmp_path):
+    """Where the Debian package is installed: the real 60,000 + 10,000 images, and two resnet8
+    students learning on a slice of them (1,024 images, 2 epochs)."""
+    import time
+    from cohort.runtime import run
+    from conftest import small, tiny_cohort
+    started = time.perf_counter()
+    fashion = data.load_dataset("fashion-mnist")
+    assert time.perf_counter() - started < 10.0
+    assert (len(fashion.train_images), len(fashion.test_images)) == (60000, 10000)
+    summary = run(tiny_cohort(tmp_path / "f", dataset="fashion-mnist", epochs=2, runtime="local"),
+                  small(fashion, train=1024, test=1000))
+    assert summary["members"]["ensemble"]["final_test_acc"] > 40.0, summary["members"]   # chance: 10

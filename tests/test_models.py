@@ -197,3 +197,25 @@ def test_one_export_is_independent_copy():
     assert not torch.equal(exported.classifier.weight, one.branches[1].classifier.weight)
     with pytest.raises(IndexError):
         one.branch_state_dict(2)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "mobilenetv2", "wrn_16_2"])
+def test_zero_init_residual_zeroes_each_residual_branchs_last_norm_only(name):
+    """Every block then starts as the identity; nothing else changes (no random draws)."""
+    from cohort.models.base import residual_norms, zero_init_residual
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = residual_norms(model)
+    zeroed = {id(n.weight) for n in norms}
+    rng = torch.random.get_rng_state()
+    zero_init_residual(model)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        param = dict(model.named_parameters()).get(key)
+        if param is not None and id(param) in zeroed:
+            assert torch.count_nonzero(value) == 0, key
+        else:
+            assert torch.equal(value, before[key]), key
+    expected = {"resnet20": 9, "resnet8x4": 3, "mobilenetv2": 10, "wrn_16_2": 0}[name]
+    assert len(norms) == expected

@@ -290,3 +290,19 @@ def test_student_model_lives_on_its_device():
     """The model is moved to the student's device (the meta device stands in for a GPU)."""
     s = Student(0, "resnet8", cfg(), SPEC, torch.device("meta"))
     assert {p.device.type for p in s.model.parameters()} == {"meta"}
+
+
+def test_warmup_raises_the_rate_linearly_per_step_then_follows_the_schedule():
+    from cohort.optim import warmup_factor
+    assert [warmup_factor(0, s, 4, 1.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [warmup_factor(e, s, 4, 0.5) for e, s in ((0, 0), (0, 1), (0, 2), (1, 0))] == [0.5, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0, 4, 0.0) == 1.0
+    s = Student(0, "resnet8", cfg(warmup_epochs=2.0, schedule="constant"), SPEC, CPU)
+    seen = []
+    for epoch in range(3):
+        s.begin_epoch(epoch, steps=2)
+        for step in range(2):
+            images, labels = batch(4, seed=step)
+            _step(s, images, labels, step)
+            seen.append(s.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])

@@ -30,6 +30,10 @@ from ..student import DataSpec
 METHODS: dict[str, type["Method"]] = {}
 
 
+# The papers initialise residual blocks the plain way and use no warm-up: their recipes say so.
+PAPER_INIT = {"zero_init_residual": False, "warmup_epochs": 0.0}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A paper's settings, applied by `--recipe NAME` (flags given beside it win)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import CohortConfig, redefault
 from ..losses import soft_kl
 from ..step import StepLoss
-from .base import CohortMethod, Recipe, register
+from .base import PAPER_INIT, CohortMethod, Recipe, register
 
 
 @dataclass
@@ -27,7 +27,8 @@ MCL_OKD = Recipe(
     source="MCL-OKD's DML/KDCL setting: 300 epochs, cosine, "
            "batch 128, SGD 0.9 Nesterov, lr 0.1, wd 5e-4, T=2",
     settings={"epochs": 300, "schedule": "cosine", "batch_size": 128, "lr": 0.1,
-              "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "temperature": 2.0})
+              "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "temperature": 2.0,
+              **PAPER_INIT})
 
 
 @register

@@ -24,7 +24,7 @@ from ..metrics import accuracy_and_loss
 from ..models import MODEL_NAMES
 from ..step import StepLoss
 from ..student import DataSpec, seeded_model
-from .base import ChainMethod, EpochContext, EvalSet, NetworkMethod, Recipe, register
+from .base import PAPER_INIT, ChainMethod, EpochContext, EvalSet, NetworkMethod, Recipe, register
 
 MODEL_FILE = "model.pt"
 
@@ -64,7 +64,7 @@ class KdStage(NetworkMethod):
     def build_model(self, spec: DataSpec):
         self.shape = {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
         return seeded_model(self.cfg.arch, spec.num_classes, spec.in_channels, self.cfg.seed,
-                            self.cfg.stage)
+                            self.cfg.stage, self.cfg.zero_init_residual)
 
     def setup(self, spec: DataSpec, device: torch.device) -> None:
         if self.teacher_payload is not None:
@@ -172,7 +172,7 @@ REPDISTILLER = Recipe(
            "x0.1 at 150/180/210, wd 5e-4, T=4, alpha=0.9",
     settings={"epochs": 240, "batch_size": 64, "lr": 0.05, "schedule": "step",
               "milestones": [150, 180, 210], "gamma": 0.1, "weight_decay": 5e-4,
-              "temperature": 4.0, "alpha": 0.9})
+              "temperature": 4.0, "alpha": 0.9, **PAPER_INIT})
 
 
 @register

@@ -35,7 +35,7 @@ from ..metrics import accuracy_and_loss, ensemble_metrics
 from ..models.okddip import build_okddip
 from ..step import StepLoss
 from ..student import DataSpec
-from .base import EpochContext, EvalSet, Recipe, register
+from .base import PAPER_INIT, EpochContext, EvalSet, Recipe, register
 from .one import BranchConfig, BranchMethod, BranchSelection, branch_logits_on, rampup_weight, seeded
 
 
@@ -156,7 +156,7 @@ OKDDIP_OFFICIAL = Recipe(
            "lr 0.1 x0.1 at 150/225, wd 5e-4, T=3, 3 peers + a leader, ramp-up 80 epochs",
     settings={"epochs": 300, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "nesterov": True,
               "schedule": "step", "milestones": [150, 225], "gamma": 0.1, "weight_decay": 5e-4,
-              "temperature": 3.0, "branches": 4, "rampup_epochs": 80})
+              "temperature": 3.0, "branches": 4, "rampup_epochs": 80, **PAPER_INIT})
 
 
 @register

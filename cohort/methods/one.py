@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainJobConfig, choice, redefault, setting, at_least
-from ..data import derive_seed
 from ..export import atomic_torch_save
 from ..losses import one_ensemble_logits, soft_kl
 from ..metrics import accuracy_and_loss, ensemble_metrics
 from ..models import MODEL_NAMES, build_one
 from ..step import StepLoss
-from ..student import INIT_STREAM, DataSpec
-from .base import EpochContext, EvalSet, NetworkMethod, Recipe, register
+from ..student import DataSpec
+from ..student import seeded as seeded_build
+from .base import PAPER_INIT, EpochContext, EvalSet, NetworkMethod, Recipe, register
 
 OFFICIAL_RAMPUP_EPOCHS = 80
 
@@ -74,9 +74,7 @@ def rampup_weight(kd_weight: float, epoch: int, rampup_epochs: int) -> float:
 
 def seeded(cfg, build):
     """The network `build()` makes, its initial weights a pure function of the seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, INIT_STREAM, 0))
-        return build()
+    return seeded_build(cfg.seed, 0, build, cfg.zero_init_residual)
 
 
 def branch_logits_on(model, test: EvalSet, forward=None) -> tuple[list[torch.Tensor], list]:
@@ -173,7 +171,7 @@ ONE_OFFICIAL = Recipe(
            "128, lr 0.1 x0.1 at 150/225, wd 1e-4, T=3, ramp-up 80 epochs",
     settings={"epochs": 300, "batch_size": 128, "lr": 0.1, "schedule": "step",
               "milestones": [150, 225], "gamma": 0.1, "weight_decay": 1e-4, "temperature": 3.0,
-              "rampup_epochs": 80})
+              "rampup_epochs": 80, **PAPER_INIT})
 
 
 @register

@@ -32,6 +32,24 @@ def init_weights(module: nn.Module) -> nn.Module:
     return module
 
 
+def residual_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm that ends each residual branch (a block's `residual_norm()`, where the
+    block has one: basic ResNet blocks, MobileNetV2's residual blocks; pre-activation WRN blocks
+    end with a convolution and have none)."""
+    return [norm for m in model.modules() if hasattr(m, "residual_norm")
+            for norm in [m.residual_norm()] if norm is not None]
+
+
+def zero_init_residual(model: nn.Module) -> nn.Module:
+    """Set the scale γ of every residual branch's last BatchNorm to 0, so each block starts as
+    the identity (Goyal et al. 2017; torchvision's zero_init_residual). Draws no random number,
+    so the other weights stay those of the seed."""
+    with torch.no_grad():
+        for norm in residual_norms(model):
+            norm.weight.zero_()
+    return model
+
+
 class SplitNet(nn.Module):
     """A classifier made of a shared-able trunk, a last stage and a linear head."""
 

@@ -53,6 +53,9 @@ class InvertedResidual(nn.Module):
         self.body = nn.Sequential(*layers)
         self.use_residual = stride == 1 and in_ch == out_ch
 
+    def residual_norm(self):
+        return self.body[-1] if self.use_residual else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return x + out if self.use_residual else out

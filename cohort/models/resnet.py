@@ -36,6 +36,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(out_ch))
 
+    def residual_norm(self) -> nn.BatchNorm2d:
+        return self.bn2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))

@@ -118,8 +118,8 @@ class StudentWorker:
 
     def run_epoch(self, epoch: int, weights) -> dict:
         cfg, student = self.cfg, self.student
-        lr = student.begin_epoch(epoch)
         batches = epoch_batches(self.dataset.num_train, cfg.batch_size, cfg.seed, epoch)
+        lr = student.begin_epoch(epoch, len(batches))
         waited, last_print = 0.0, time.monotonic()
         for step, idx in enumerate(batches):
             self._steps_done = step

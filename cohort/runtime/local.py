@@ -51,8 +51,8 @@ def run_cohort(cfg, dataset: Dataset | None = None, on_epoch=None) -> dict:
         if method.needs_val_weights():
             weights = general_weights([s.predict(dataset.val_images, cfg.eval_batch_size)
                                        for s in students], dataset.val_labels)
-        lr = [s.begin_epoch(epoch) for s in students][0]
         batches = epoch_batches(dataset.num_train, cfg.batch_size, cfg.seed, epoch)
+        lr = [s.begin_epoch(epoch, len(batches)) for s in students][0]
         with step_bar(len(batches), f"epoch {epoch + 1}", cfg.progress) as bar:
             for step, idx in enumerate(batches):
                 idx = idx.to(device)

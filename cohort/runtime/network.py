@@ -22,7 +22,7 @@ import torch
 from ..config import TrainJobConfig
 from ..data import Dataset, augment_batch, derive_seed, epoch_batches
 from ..methods import EpochContext, EvalSet, NetworkMethod
-from ..optim import learning_rate, make_optimizer, set_learning_rate
+from ..optim import learning_rate, make_optimizer, set_learning_rate, warmup_factor
 from ..progress import say
 from ..step import EpochStats, take_step
 from ..student import VIEW_STREAM, DataSpec, _to_cpu
@@ -114,6 +114,9 @@ def train(method: NetworkMethod, dataset: Dataset, host: Host) -> None:
                                    padding=spec.crop_padding, mean=spec.mean, std=spec.std)[mine]
                      for j in range(method.views)]
             loss = method.loss(model, views, labels[idx][mine])
+            if cfg.warmup_epochs > 0:
+                set_learning_rate(optimizer, lr * warmup_factor(epoch, step, len(batches),
+                                                                cfg.warmup_epochs))
             value = take_step(optimizer, loss, who, epoch, step, stats, share)
             method.after_step(core, step)
             host.on_step(value, time.perf_counter() - step_started, share)
