@@ -58,6 +58,7 @@ import math
 import operator
 import os
 import pickle
+import shutil
 import socket
 import warnings
 from dataclasses import dataclass
@@ -545,10 +546,13 @@ def _load_idx(name: str, data_dir, download: bool) -> Dataset:
         root = _existing_dir(data_dir)
     where = _idx_folder(root, folder) if root.is_dir() else None
     if where is None and download:
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
             _download_idx(name, root)
         except Exception as exc:   # offline, timeouts, checksums: one message
+            if created:   # leave nothing behind (torchvision may have made its folders)
+                shutil.rmtree(root, ignore_errors=True)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             raise DataError("--data-dir", f"{title} is not under {root} and could not be "
                                           f"downloaded ({reason}); put its four idx files there"

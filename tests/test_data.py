@@ -570,3 +570,16 @@ def test_real_fashion_mnist_loads_fast_and_a_cohort_learns_on_it(tmp_path):
     summary = run(tiny_cohort(tmp_path / "f", dataset="fashion-mnist", epochs=2, runtime="local"),
                   small(fashion, train=1024, test=1000))
     assert summary["members"]["ensemble"]["final_test_acc"] > 40.0, summary["members"]   # chance: 10
+
+
+def test_an_offline_idx_download_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the default root is ./data
+
+    def offline(name, root):
+        (root / "MNIST" / "raw").mkdir(parents=True)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data, "_download_idx", offline)
+    with pytest.raises(DataError, match=r"--data-dir: MNIST is not under data and could not be downloaded"):
+        data.load_dataset("mnist")
+    assert not (tmp_path / "data").exists()

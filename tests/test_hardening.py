@@ -36,7 +36,7 @@ BAD_COHORT_FLAGS = [
     (["--kd-weight", "-0.5"], "--kd-weight"),
     (["--arch", "resnet9"], "--arch"),
     (["--arch", "resnet8,wrn_16_2,resnet20"], "--arch"),
-    (["--dataset", "mnist"], "--dataset"),
+    (["--dataset", "imagenet"], "--dataset"),
     (["--schedule", "linear"], "--schedule"),
     (["--exchange", "mpi"], "--exchange"),
     (["--batch-size", "0"], "--batch-size"),
