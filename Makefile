@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/dml.py --students 4 --arch resnet8 --dataset digits --epochs 8 --schedule cosine \
-		--batch-size 64 --lr 0.1 --output $(DEMO_OUT) --overwrite
+	$(PY) jobs/dml.py --students 4 --dataset digits --epochs 5 --output $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -179,6 +179,18 @@ def command_line() -> str:
 STARTED_UTC = utc_now()
 
 
+def git_state() -> dict:
+    """The commit the benchmark ran from, and whether tracked files differed from it."""
+    import subprocess
+
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+    except OSError:   # no git on this machine
+        return {"commit": "", "dirty": None}
+
+
 def finish(args, name: str, payload: dict, started: float) -> None:
     """Write the benchmark's JSON: machine, UTC start and end, exact command line, results."""
     payload = {"benchmark": name, "date_utc": STARTED_UTC, "finished_utc": utc_now(),
@@ -186,7 +198,7 @@ def finish(args, name: str, payload: dict, started: float) -> None:
                "run_all_command": os.environ.get("COHORT_BENCH_RUN_ALL", ""),
                "quick": bool(getattr(args, "quick", False)),
                "wall_seconds": round(time.perf_counter() - started, 1),
-               "loadavg_1m_at_end": round(os.getloadavg()[0], 2), **payload}
+               "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "git": git_state(), **payload}
     payload.setdefault("machine", machine(getattr(args, "device", "cpu")))
     out = out_path(args, name)
     out.parent.mkdir(parents=True, exist_ok=True)

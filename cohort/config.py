@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .data import DATASETS
+from .models.registry import RESIDUAL_INIT
 from .errors import UsageError
 from .optim import SCHEDULES
 
@@ -70,12 +71,19 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=None, flag: 
 
 
 def redefault(base, name: str, default=dataclasses.MISSING, *, factory=None, **meta):
-    """The field `name` of config class `base` with another default (a method's own), and
-    optionally other metadata (help=..., cli=...)."""
-    metadata = {**base.__dataclass_fields__[name].metadata, **meta}
+    """The field `name` of config class `base` with another default (a method's own; none given:
+    the base's), and optionally other metadata (help=..., cli=...)."""
+    inherited = base.__dataclass_fields__[name]
+    metadata = {**inherited.metadata, **meta}
+    if default is dataclasses.MISSING and factory is None:
+        default, factory = inherited.default, (None if inherited.default_factory is dataclasses.MISSING
+                                                else inherited.default_factory)
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+FLIPS = ("auto", "on", "off")
 
 
 # ---- the tree ---------------------------------------------------------------------------------
@@ -91,6 +99,8 @@ class JobConfig:
                                        "epoch/member (never the test set)", check=unit_interval())
     crop_padding: int = setting(-1, "random-crop padding; -1 = the dataset's default",
                                 check=auto_or(at_least(0)))
+    flip: str = setting("auto", "random horizontal flips; auto: the dataset's (off for digits and "
+                                "mnist, where a mirrored digit is another class)", choices=FLIPS)
     # optimisation
     epochs: int = setting(200, "training epochs", check=at_least(1))
     batch_size: int = setting(64, "batch size", check=at_least(1))
@@ -98,15 +108,19 @@ class JobConfig:
     momentum: float = setting(0.9, "SGD momentum", check=unit_interval())
     weight_decay: float = setting(5e-4, "SGD weight decay", check=at_least(0))
     nesterov: bool = setting(False, "Nesterov momentum")
-    schedule: str = setting("step", "learning-rate schedule", choices=SCHEDULES)
+    schedule: str = setting("cosine", "learning-rate schedule (the papers' step schedules are in "
+                                      "their --recipe)", choices=SCHEDULES)
     milestones: list[int] = setting(factory=list, help="step schedule: comma list of epochs "
                                     "(default 50%,75% of --epochs)", check=at_least(1))
     gamma: float = setting(0.1, "step schedule decay factor", check=above(0))
     warmup_epochs: float = setting(0.0, "linear learning-rate warm-up over the first N epochs, "
                                         "per step (0: none)", check=at_least(0))
-    zero_init_residual: bool = setting(False, "start each residual block's last BatchNorm scale "
-                                              "at 0, so every block starts as the identity (deep "
-                                              "ResNets at lr 0.1 need it on small images)")
+    zero_init_residual: str = setting("auto", "start each residual block's last BatchNorm scale "
+                                              "at 0, so every block starts as the identity; auto: "
+                                              "for nets of more than 10 residual blocks (resnet32 "
+                                              "and deeper blow up at lr 0.1 without it, shallower "
+                                              "ones learn faster with the plain init); the papers' "
+                                              "recipes: off", choices=RESIDUAL_INIT)
     temperature: float = setting(3.0, "softmax temperature T of the KL terms", check=above(0))
     kd_weight: float = setting(1.0, "lambda, the weight of the KL terms", check=at_least(0))
     # the run
@@ -182,8 +196,8 @@ class CohortConfig(JobConfig):
 @dataclass
 class TrainJobConfig(JobConfig):
     """One network trained data-parallel by N Ray Train workers (or in this process)."""
-    batch_size: int = redefault(JobConfig, "batch_size", 128,
-                                help="GLOBAL batch size, split evenly over --workers")
+    batch_size: int = redefault(JobConfig, "batch_size", help="GLOBAL batch size, split evenly "
+                                                              "over --workers")
     workers: int = setting(1, "N data-parallel Ray Train workers", check=at_least(1))
     gpus_per_worker: float = setting(-1.0, "default 1 when the cluster has GPUs (nccl), else 0 "
                                            "(gloo on CPU)", check=auto_or(at_least(0)))

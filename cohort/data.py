@@ -103,6 +103,7 @@ class Dataset:
     mean: tuple[float, ...]      # per channel, of train_images / 255
     std: tuple[float, ...]
     crop_padding: int            # default augmentation padding (about image size / 8)
+    flip: bool = True            # random horizontal flips (off where a mirror changes the class)
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
 
@@ -244,6 +245,10 @@ def _default_padding(height: int, width: int) -> int:
     return max(1, round(min(height, width) / 8))
 
 
+# A mirrored handwritten digit is often another class or none (2, 3, 4, 5, 7, 9): no flips.
+_MIRROR_SENSITIVE = frozenset({"digits", "mnist"})
+
+
 def _make_dataset(name, train_images, train_labels, test_images, test_labels, num_classes) -> Dataset:
     train_images = train_images.contiguous()
     mean, std = _channel_stats(train_images)
@@ -252,7 +257,8 @@ def _make_dataset(name, train_images, train_labels, test_images, test_labels, nu
                    test_images=test_images.contiguous(),
                    test_labels=test_labels.to(torch.int64).contiguous(),
                    num_classes=int(num_classes), mean=mean, std=std,
-                   crop_padding=_default_padding(*train_images.shape[2:]))
+                   crop_padding=_default_padding(*train_images.shape[2:]),
+                   flip=name not in _MIRROR_SENSITIVE)
 
 
 def validation_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:

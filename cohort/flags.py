@@ -63,10 +63,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[JobConfig]) -> d
                                      else f.default_factory())
         help_text = f"{f.metadata.get('help', '')} (default: {_shown(default)})".replace("%", "%%")
         kind = _parse_type(types[f.name])
-        if kind is None:   # a boolean: --flag sets it, --no-flag clears a True default
-            action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS,
+        if kind is None and flag.startswith("--no-"):   # a flag named for clearing its field
+            parser.add_argument(flag, dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                 help=help_text)
+        elif kind is None:   # --flag sets it, --no-flag clears it (over a default or a recipe)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         else:
             choices = f.metadata.get("choices")
             parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import augment_batch, derive_seed, normalize_batch
-from .models import build_model
+from .models import build_model, zero_init_wanted
 from .models.base import zero_init_residual
 from .optim import learning_rate, make_optimizer, set_learning_rate, warmup_factor
 from .step import EpochStats, StepLoss, take_step
@@ -50,12 +50,16 @@ class DataSpec:
     mean: tuple
     std: tuple
     crop_padding: int
+    flip: bool = True
+    num_train: int = 0
 
     @classmethod
-    def of(cls, dataset, crop_padding: int = -1) -> "DataSpec":
+    def of(cls, dataset, crop_padding: int = -1, flip: str = "auto") -> "DataSpec":
+        """The dataset's spec; `crop_padding` -1 and `flip` "auto" keep the dataset's own."""
         padding = dataset.crop_padding if crop_padding < 0 else crop_padding
+        flips = dataset.flip if flip == "auto" else flip == "on"
         return cls(dataset.num_classes, dataset.in_channels, tuple(dataset.mean),
-                   tuple(dataset.std), padding)
+                   tuple(dataset.std), padding, flips, dataset.num_train)
 
 
 class Student:
@@ -63,7 +67,7 @@ class Student:
         self.index, self.arch, self.cfg, self.spec, self.device = index, arch, cfg, spec, device
         self.name = f"student{index}"
         self.model = seeded_model(arch, spec.num_classes, spec.in_channels, cfg.seed, index,
-                                  cfg.zero_init_residual).to(device)
+                                  zero_init_wanted(cfg.zero_init_residual, arch)).to(device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.lr, cfg.momentum,
                                         cfg.weight_decay, cfg.nesterov)
         # DML peers share views unless asked otherwise; KDCL students each draw their own.
@@ -87,7 +91,7 @@ class Student:
     def forward(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Logits (with graph) of this student's augmented view of a uint8 batch."""
         seed = derive_seed(self.cfg.seed, VIEW_STREAM, self.view_stream, self.epoch, step)
-        views = augment_batch(images, seed=seed, padding=self.spec.crop_padding,
+        views = augment_batch(images, seed=seed, padding=self.spec.crop_padding, flip=self.spec.flip,
                               mean=self.spec.mean, std=self.spec.std)
         return self.model(views)
 

@@ -89,7 +89,7 @@ def test_digits_shapes_sizes_and_stats(digits):
     assert digits.name == "digits" and digits.num_classes == 10
     assert digits.train_images.shape == (1438, 1, 8, 8) and digits.test_images.shape == (359, 1, 8, 8)
     assert digits.num_train == 1438 and digits.in_channels == 1 and digits.image_size == (8, 8)
-    assert digits.crop_padding == 1 and digits.val_images is None
+    assert digits.crop_padding == 1 and digits.val_images is None and digits.flip is False
     for images, labels in ((digits.train_images, digits.train_labels),
                            (digits.test_images, digits.test_labels)):
         assert images.dtype == torch.uint8 and images.is_contiguous() and images.device.type == "cpu"
@@ -498,6 +498,13 @@ def test_load_dataset_applies_val_fraction(digits):
     assert torch.equal(split.test_images, digits.test_images)
 
 
+def test_actors_rebuild_the_dataset_with_its_augmentation_settings(digits):
+    from cohort.ray.actors import dataset_arrays, dataset_from_arrays
+    rebuilt = dataset_from_arrays(dataset_arrays(digits))
+    assert (rebuilt.flip, rebuilt.crop_padding, rebuilt.mean) == (False, 1, digits.mean)
+    assert torch.equal(rebuilt.train_images, digits.train_images)
+
+
 def test_synthetic_is_fixed():
     a = load_dataset("synthetic", synthetic_samples=(64, 16), synthetic_shape=(3, 16, 16),
                      synthetic_classes=5, seed=1)
@@ -539,6 +546,7 @@ def test_mnist_format_files_load_from_torchvisions_layout_or_a_plain_folder(tmp_
     assert torch.equal(dataset.train_images[:, 0], torch.from_numpy(parts["train"][0].astype(np.uint8)))
     assert dataset.test_labels.tolist() == parts["t10k"][1].tolist()
     assert dataset.num_classes == 10 and dataset.crop_padding == 4 and len(dataset.mean) == 1
+    assert dataset.flip is (name == "fashion-mnist")   # a mirrored digit is another class or none
 
 
 def test_bad_or_missing_idx_files_are_one_line_errors(tmp_path):

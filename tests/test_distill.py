@@ -146,7 +146,7 @@ def test_kd_teacher_sees_the_students_augmented_batch_in_eval_mode_without_grad(
 
 
 BAD = [
-    (["kd", "--student", "resnet8"], "--teacher"),
+    (["kd", "--teacher", "resnet99"], "--teacher"),
     (["kd", "--teacher", "resnet8", "--student", "resnet99"], "--student"),
     (["kd", "--teacher", "resnet8", "--alpha", "1.5"], "--alpha"),
     (["kd", "--teacher-checkpoint", "/nonexistent.pt"], "--teacher-checkpoint"),

@@ -63,8 +63,11 @@ def test_bad_cohort_flag_is_one_line_exit_2_before_anything(tmp_path, capsys, fl
 def test_kdcl_variant_and_general_without_held_out_split(tmp_path, capsys):
     code, err = run_cli(capsys, "kdcl", *BASE, "--output", str(tmp_path / "a"), "--variant", "max")
     assert code == 2 and "--variant" in err and "minlogit" in err
-    code, err = run_cli(capsys, "kdcl", *BASE, "--output", str(tmp_path / "b"), "--variant", "general")
-    assert code == 2 and "--val-fraction" in err
+    # general fits its weights on a held-out split: 10% by default, never none
+    code, err = run_cli(capsys, "kdcl", *BASE, "--output", str(tmp_path / "b"), "--variant", "general",
+                        "--val-fraction", "0")
+    assert code == 2 and "--val-fraction" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists() and not ray.is_initialized()
 
 
 def write_parquet(path, labels):

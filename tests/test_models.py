@@ -219,3 +219,24 @@ def test_zero_init_residual_zeroes_each_residual_branchs_last_norm_only(name):
             assert torch.equal(value, before[key]), key
     expected = {"resnet20": 9, "resnet8x4": 3, "mobilenetv2": 10, "wrn_16_2": 0}[name]
     assert len(norms) == expected
+
+
+def test_auto_zero_init_is_for_nets_deeper_than_ten_residual_blocks():
+    from cohort.models import zero_init_wanted
+    from cohort.models.registry import residual_blocks
+    depths = {name: residual_blocks(name) for name in ("resnet8", "resnet20", "resnet32", "resnet110")}
+    assert depths == {"resnet8": 3, "resnet20": 9, "resnet32": 15, "resnet110": 54}
+    assert [zero_init_wanted("auto", n) for n in depths] == [False, False, True, True]
+    assert all(zero_init_wanted("on", n) for n in depths)
+    assert not any(zero_init_wanted("off", n) for n in depths)
+    with pytest.raises(ValueError, match="zero_init_residual"):
+        zero_init_wanted(True, "resnet8")
+    # the branch networks decide by their arch: a resnet32 ONE starts zero-initialised
+    from cohort.methods.one import OneConfig, seeded
+    from cohort.models import build_one
+    from cohort.models.base import residual_norms
+    for arch, zeroed in (("resnet32", True), ("resnet8", False)):
+        cfg = OneConfig(arch=arch)
+        net = seeded(cfg, lambda: build_one(arch, 10, 3, 1))
+        scales = torch.cat([n.weight for n in residual_norms(net)])
+        assert bool((scales == 0).all()) is zeroed and bool((scales == 1).all()) is not zeroed

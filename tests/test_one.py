@@ -190,7 +190,7 @@ BAD_FLAGS = [
     (["--workers", "3", "--batch-size", "64"], "--batch-size"),
     (["--batch-size", "5000"], "--batch-size"),
     (["--arch", "resnet9"], "--arch"),
-    (["--rampup-epochs", "-1"], "--rampup-epochs"),
+    (["--rampup-epochs", "-2"], "--rampup-epochs"),
     (["--max-failures", "-1"], "--max-failures"),
     (["--workers", "0"], "--workers"),
     (["--branches", "two"], "--branches"),

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cohort.methods.one import rampup_weight
-from cohort.methods.pcl import ema_decay, ema_update, pcl_terms
+from cohort.methods.pcl import Pcl, PclConfig, default_max_decay, ema_decay, ema_update, pcl_terms
+from cohort.student import DataSpec
 from cohort.models.base import global_pool
 from cohort.models.pcl import PclNet, build_pcl
 from cohort.models.registry import build_model
@@ -131,6 +132,26 @@ def test_ema_decay_values():
     assert ema_decay(3, max_decay=0.99) == 0.75
 
 
+def test_default_max_decay_spans_at_most_the_last_tenth_of_the_run():
+    assert default_max_decay(110) == pytest.approx(1 - 10 / 110, abs=1e-15)
+    assert default_max_decay(10_000) == 0.999 and default_max_decay(117_300) == 0.999
+    assert default_max_decay(9_000) == pytest.approx(1 - 10 / 9_000, abs=1e-15)
+    assert default_max_decay(10) == 0.0 and default_max_decay(3) == 0.0
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({}, 1 - 10 / (5 * 22)),                                  # 1,438 // 64 = 22 steps an epoch
+    ({"steps_per_epoch": 4}, 1 - 10 / (5 * 4)),
+    ({"batch_size": 128}, 1 - 10 / (5 * 11)),
+    ({"ema_decay": 0.999}, 0.999),                            # the paper's, as pcl-paper sets it
+    ({"ema_decay": 0.5}, 0.5)])
+def test_pcl_resolves_its_largest_decay_from_the_run_length(flags, want):
+    method = Pcl(PclConfig(epochs=5, **flags))
+    spec = DataSpec(10, 1, (0.5,), (0.2,), 1, flip=False, num_train=1438)
+    method.setup(spec, torch.device("cpu"))
+    assert method.max_decay == pytest.approx(want, abs=1e-15)
+
+
 def _tiny_pair():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).double()
@@ -168,6 +189,8 @@ def test_ema_update_matches_hand_computation():
     assert {k: v.data_ptr() for k, v in after.items()} == storage
     assert all(p.grad_fn is None and p.grad is None for p in ema.parameters())
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+    ema_update(ema, model, step=3, max_decay=0.5)            # γ = min(0.75, 0.5)
+    assert float(ema.state_dict()["0.weight"][0, 0]) == 0.5 * (0.75 * -2.0) + 0.5 * 0.0
 
 
 def test_ema_update_first_step_copies_and_is_deterministic():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import types
 
@@ -85,7 +86,12 @@ def _dataset(padding=1):
 
 def test_dataspec_of_dataset_and_padding_override():
     spec = DataSpec.of(_dataset(padding=3))
-    assert spec == DataSpec(5, 3, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 3)
+    assert spec == DataSpec(5, 3, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 3, flip=True, num_train=4)
+    mirror_sensitive = dataclasses.replace(_dataset(padding=3), flip=False)
+    assert DataSpec.of(mirror_sensitive).flip is False
+    assert DataSpec.of(mirror_sensitive, flip="on").flip is True      # --flip on
+    assert DataSpec.of(_dataset(padding=3), flip="off").flip is False  # --flip off
+    assert DataSpec.of(_dataset(padding=3), flip="auto").flip is True
     assert isinstance(spec.mean, tuple) and isinstance(spec.std, tuple)
     assert DataSpec.of(_dataset(padding=3), crop_padding=0).crop_padding == 0
     assert DataSpec.of(_dataset(padding=3), crop_padding=5).crop_padding == 5
@@ -109,6 +115,7 @@ def test_student_construction(views, stream):
     assert s.name == "student2" and s.index == 2 and s.arch == "resnet8" and s.epoch == 0
     assert s.cfg is c and s.spec is SPEC and s.device == CPU
     assert s.view_stream == stream
+    assert c.zero_init_residual == "auto"   # the default: a resnet8 keeps the plain init
     assert_same_params(params(s.model), params(S.seeded_model("resnet8", 10, 1, 7, 2)))
     group = s.optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == \
@@ -151,17 +158,20 @@ def test_end_epoch_without_steps_is_zero_not_nan(monkeypatch):
 
 # ----------------------------------------------------------------------------- forward / learn
 
-@pytest.mark.parametrize("index,views", [(1, "separate"), (2, "shared")])
-def test_forward_is_the_model_on_the_seeded_view(index, views):
-    s = Student(index, "resnet8", cfg(views=views), SPEC, CPU)
+@pytest.mark.parametrize("index,views,flip", [(1, "separate", True), (2, "shared", True),
+                                              (1, "separate", False)])
+def test_forward_is_the_model_on_the_seeded_view(index, views, flip):
+    s = Student(index, "resnet8", cfg(views=views), dataclasses.replace(SPEC, flip=flip), CPU)
     s.begin_epoch(3)
     s.model.eval()           # so the reference call below sees the same BatchNorm state
     images, _ = batch()
     out = s.forward(images, step=5)
     stream = index if views == "separate" else 0
     seed = derive_seed(7, S.VIEW_STREAM, stream, 3, 5)
-    view = augment_batch(images, seed=seed, padding=2, mean=(0.3,), std=(0.2,))
+    view = augment_batch(images, seed=seed, padding=2, flip=flip, mean=(0.3,), std=(0.2,))
     assert torch.equal(out, s.model(view))
+    mirrored = augment_batch(images, seed=seed, padding=2, flip=not flip, mean=(0.3,), std=(0.2,))
+    assert not torch.equal(out, s.model(mirrored))   # the dataset's flip setting decides
     assert out.requires_grad and out.shape == (8, 10)
     assert not torch.equal(out, s.forward(images, step=6))
     s.begin_epoch(4)

@@ -31,7 +31,7 @@ METHODS: dict[str, type["Method"]] = {}
 
 
 # The papers initialise residual blocks the plain way and use no warm-up: their recipes say so.
-PAPER_INIT = {"zero_init_residual": False, "warmup_epochs": 0.0}
+PAPER_INIT = {"zero_init_residual": "off", "warmup_epochs": 0.0}
 
 
 @dataclass(frozen=True)

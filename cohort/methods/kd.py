@@ -21,12 +21,13 @@ from ..config import TrainJobConfig, choice, redefault, require, setting, unit_i
 from ..export import instantiate, save_plain_model
 from ..losses import soft_kl
 from ..metrics import accuracy_and_loss
-from ..models import MODEL_NAMES
+from ..models import MODEL_NAMES, zero_init_wanted
 from ..step import StepLoss
 from ..student import DataSpec, seeded_model
 from .base import PAPER_INIT, ChainMethod, EpochContext, EvalSet, NetworkMethod, Recipe, register
 
 MODEL_FILE = "model.pt"
+DEFAULT_TEACHER = "resnet110"   # TAKD's (Mirzadeh et al.) CIFAR teacher
 
 
 @dataclass
@@ -64,7 +65,7 @@ class KdStage(NetworkMethod):
     def build_model(self, spec: DataSpec):
         self.shape = {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
         return seeded_model(self.cfg.arch, spec.num_classes, spec.in_channels, self.cfg.seed,
-                            self.cfg.stage, self.cfg.zero_init_residual)
+                            self.cfg.stage, zero_init_wanted(self.cfg.zero_init_residual, self.cfg.arch))
 
     def setup(self, spec: DataSpec, device: torch.device) -> None:
         if self.teacher_payload is not None:
@@ -114,7 +115,7 @@ class KdStage(NetworkMethod):
 @dataclass
 class ChainConfig(TrainJobConfig):
     method: str = redefault(TrainJobConfig, "method", "takd")
-    chain: list[str] = setting(factory=lambda: ["resnet110", "resnet20", "resnet8"],
+    chain: list[str] = setting(factory=lambda: [DEFAULT_TEACHER, "resnet20", "resnet8"],
                                help="comma list of archs, first the teacher (at least 2)")
     teacher_checkpoint: str = setting("", "a model file this project saved (best_student.pt, "
                                           "model.pt, a cohort student), used as the first model",
@@ -123,10 +124,6 @@ class ChainConfig(TrainJobConfig):
     temperature: float = redefault(StageConfig, "temperature", 4.0)
     baseline: bool = setting(False, "also train each distilled arch alone, for the table's last column")
     skip_trained: bool = setting(False, "reuse stages already trained in --output with the same settings")
-    epochs: int = redefault(TrainJobConfig, "epochs", 240)
-    batch_size: int = redefault(TrainJobConfig, "batch_size", 64)
-    lr: float = redefault(TrainJobConfig, "lr", 0.05)
-    milestones: list[int] = redefault(TrainJobConfig, "milestones", factory=lambda: [150, 180, 210])
     output: str = redefault(TrainJobConfig, "output", "runs/takd")
 
     @property
@@ -147,7 +144,8 @@ class ChainConfig(TrainJobConfig):
 class KdConfig(ChainConfig):
     """A chain of two: the teacher (an arch trained first, or a model file) and the student."""
     method: str = redefault(ChainConfig, "method", "kd")
-    teacher: str = setting("", "teacher arch, trained first unless --teacher-checkpoint")
+    teacher: str = setting("", f"teacher arch, trained first; default {DEFAULT_TEACHER}, or the "
+                               "arch of --teacher-checkpoint when one is given")
     teacher_checkpoint: str = redefault(ChainConfig, "teacher_checkpoint", "", cli=True)
     student: str = setting("resnet8", "the student arch")
     chain: list[str] = redefault(ChainConfig, "chain", factory=list, cli=False)
@@ -156,15 +154,16 @@ class KdConfig(ChainConfig):
 
     arch_flag = "--student"
 
-    def __post_init__(self):
-        if not self.chain:
-            self.chain = [self.teacher, self.student]   # "" = the checkpoint's arch (the runtime reads it)
-        super().__post_init__()
-
     def check(self) -> None:
-        require(bool(self.teacher or self.teacher_checkpoint), "--teacher",
-                "give a teacher arch (--teacher) or a model file (--teacher-checkpoint)")
+        if self.teacher:
+            choice(self.teacher, MODEL_NAMES, "--teacher")
         super().check()
+
+    def __post_init__(self):
+        if not self.chain:   # "" = the checkpoint's arch (the runtime reads it)
+            teacher = self.teacher or ("" if self.teacher_checkpoint else DEFAULT_TEACHER)
+            self.chain = [teacher, self.student]
+        super().__post_init__()
 
 
 REPDISTILLER = Recipe(

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..config import CohortConfig, redefault, require, setting
+from ..config import CohortConfig, auto_or, redefault, require, setting, unit_interval
 from ..losses import KDCL_VARIANTS, kdcl_teacher, soft_kl
 from ..step import StepLoss
 from .base import CohortMethod, register
 from .dml import MCL_OKD
+
+
+GENERAL_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -25,8 +28,18 @@ class KdclConfig(CohortConfig):
     method: str = redefault(CohortConfig, "method", "kdcl")
     variant: str = setting("linear", "how the students' logits make the teacher", choices=KDCL_VARIANTS)
     output: str = redefault(CohortConfig, "output", "runs/kdcl")
+    val_fraction: float = redefault(CohortConfig, "val_fraction", -1.0, check=auto_or(unit_interval()),
+                                    help=f"held-out share of the training set: chooses the best "
+                                         f"epoch/member (never the test set); -1: "
+                                         f"{GENERAL_VAL_FRACTION} with --variant general (its "
+                                         f"weights are fitted there), else 0")
 
     default_views = "separate"   # each student draws its own augmentation
+
+    def __post_init__(self):
+        if self.val_fraction == -1:
+            self.val_fraction = GENERAL_VAL_FRACTION if self.variant == "general" else 0.0
+        super().__post_init__()
 
     def check(self) -> None:
         super().check()

@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainJobConfig, choice, redefault, setting, at_least
+from ..config import TrainJobConfig, at_least, auto_or, choice, redefault, setting
 from ..export import atomic_torch_save
 from ..losses import one_ensemble_logits, soft_kl
 from ..metrics import accuracy_and_loss, ensemble_metrics
-from ..models import MODEL_NAMES, build_one
+from ..models import MODEL_NAMES, build_one, zero_init_wanted
 from ..step import StepLoss
 from ..student import DataSpec
 from ..student import seeded as seeded_build
 from .base import PAPER_INIT, EpochContext, EvalSet, NetworkMethod, Recipe, register
 
-OFFICIAL_RAMPUP_EPOCHS = 80
+OFFICIAL_RAMPUP_EPOCHS, OFFICIAL_EPOCHS = 80, 300
 
 
 @dataclass
@@ -44,10 +44,16 @@ class BranchConfig(TrainJobConfig):
     """A multi-branch network on a shared trunk (ONE, OKDDip, PCL)."""
     arch: str = setting("resnet32", "the architecture the trunk and branches come from")
     branches: int = setting(3, "m, the number of branches", check=at_least(2))
-    epochs: int = redefault(TrainJobConfig, "epochs", 300)
-    rampup_epochs: int = setting(OFFICIAL_RAMPUP_EPOCHS, "epochs of the ramp-up of lambda, "
-                                 "exp(-5 (1 - t/T)^2), as the official ONE code; 0 = none",
-                                 check=at_least(0))
+    epochs: int = redefault(TrainJobConfig, "epochs", OFFICIAL_EPOCHS)
+    rampup_epochs: int = setting(-1, "epochs of the ramp-up of lambda, exp(-5 (1 - t/T)^2), as "
+                                     "the official ONE code; 0 = none; -1: the official share "
+                                     f"of the run, {OFFICIAL_RAMPUP_EPOCHS}/{OFFICIAL_EPOCHS} "
+                                     "of --epochs", check=auto_or(at_least(0)))
+
+    def __post_init__(self):
+        if self.rampup_epochs == -1:
+            self.rampup_epochs = round(self.epochs * OFFICIAL_RAMPUP_EPOCHS / OFFICIAL_EPOCHS)
+        super().__post_init__()
 
     @property
     def member_names(self) -> list[str]:
@@ -74,7 +80,7 @@ def rampup_weight(kd_weight: float, epoch: int, rampup_epochs: int) -> float:
 
 def seeded(cfg, build):
     """The network `build()` makes, its initial weights a pure function of the seed."""
-    return seeded_build(cfg.seed, 0, build, cfg.zero_init_residual)
+    return seeded_build(cfg.seed, 0, build, zero_init_wanted(cfg.zero_init_residual, cfg.arch))
 
 
 def branch_logits_on(model, test: EvalSet, forward=None) -> tuple[list[torch.Tensor], list]:

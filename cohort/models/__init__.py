@@ -5,7 +5,7 @@ which is what lets ONE share the trunk and replicate the rest.
 """
 from .base import SplitNet, count_parameters
 from .one import ONE_MODEL_NAMES, OneNet, build_one
-from .registry import MODEL_NAMES, build_model
+from .registry import MODEL_NAMES, RESIDUAL_INIT, build_model, zero_init_wanted
 
 __all__ = ["build_model", "build_one", "MODEL_NAMES", "ONE_MODEL_NAMES", "count_parameters",
-           "OneNet", "SplitNet"]
+           "OneNet", "SplitNet", "RESIDUAL_INIT", "zero_init_wanted"]

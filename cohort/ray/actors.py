@@ -44,7 +44,7 @@ def dataset_arrays(dataset: Dataset) -> dict:
     """Numpy views of the dataset: actors on a node read them zero-copy from the object store."""
     fields = ("train_images", "train_labels", "test_images", "test_labels", "val_images", "val_labels")
     arrays = {f: getattr(dataset, f).numpy() for f in fields if getattr(dataset, f) is not None}
-    meta = {k: getattr(dataset, k) for k in ("name", "num_classes", "mean", "std", "crop_padding")}
+    meta = {k: getattr(dataset, k) for k in ("name", "num_classes", "mean", "std", "crop_padding", "flip")}
     return {"arrays": arrays, "meta": meta}
 
 
@@ -65,8 +65,8 @@ class StudentWorker:
         self.dataset = dataset_from_arrays(data)
         self.device = resolve_device("cuda" if torch.cuda.is_available() and self.cfg.device != "cpu"
                                      else "cpu")
-        self.student = Student(index, arch, self.cfg, DataSpec.of(self.dataset, self.cfg.crop_padding),
-                               self.device)
+        spec = DataSpec.of(self.dataset, self.cfg.crop_padding, self.cfg.flip)
+        self.student = Student(index, arch, self.cfg, spec, self.device)
         self.method = methods.of(self.cfg)
         self.exchange = None
         self._steps_done = 0

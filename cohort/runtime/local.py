@@ -34,7 +34,7 @@ def run_cohort(cfg, dataset: Dataset | None = None, on_epoch=None) -> dict:
     run, dataset = prepare_run(cfg, dataset)
     run.start()
     device = resolve_device(cfg.device)
-    spec = DataSpec.of(dataset, cfg.crop_padding)
+    spec = DataSpec.of(dataset, cfg.crop_padding, cfg.flip)
     students = [Student(k, arch, cfg, spec, device) for k, arch in enumerate(cfg.archs)]
     start = 0
     if cfg.resume:

@@ -82,7 +82,7 @@ def restore(state: dict | None, core, optimizer, method: NetworkMethod) -> int:
 def train(method: NetworkMethod, dataset: Dataset, host: Host) -> None:
     cfg: TrainJobConfig = method.cfg
     device, rank, world = host.device, host.rank, host.world
-    spec = DataSpec.of(dataset, cfg.crop_padding)
+    spec = DataSpec.of(dataset, cfg.crop_padding, cfg.flip)
     model = host.prepare(method.build_model(spec))
     core = getattr(model, "module", model)   # DDP wraps the network
     method.setup(spec, device)
@@ -111,7 +111,7 @@ def train(method: NetworkMethod, dataset: Dataset, host: Host) -> None:
             idx = idx.to(device)
             batch = images[idx]
             views = [augment_batch(batch, seed=derive_seed(cfg.seed, VIEW_STREAM, j, epoch, step),
-                                   padding=spec.crop_padding, mean=spec.mean, std=spec.std)[mine]
+                                   padding=spec.crop_padding, flip=spec.flip, mean=spec.mean, std=spec.std)[mine]
                      for j in range(method.views)]
             loss = method.loss(model, views, labels[idx][mine])
             if cfg.warmup_epochs > 0:
