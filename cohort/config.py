@@ -137,6 +137,8 @@ class JobConfig:
     progress: bool = setting(True, "progress bars and per-epoch lines", flag="--no-progress")
     runtime: str = setting("ray", "ray: on the Ray cluster; local: everything in this process",
                            choices=RUNTIMES)
+    startup_timeout: float = setting(60.0, "seconds to wait for the cluster (or its autoscaler) "
+                                           "to hold the students or workers", check=above(0))
 
     def __post_init__(self):
         if not self.name:
@@ -167,8 +169,6 @@ class CohortConfig(JobConfig):
                                             "(fractions allowed)", check=auto_or(above(0)))
     exchange: str = setting("store", "how logits travel between actors", choices=EXCHANGES)
     placement: str = setting("pack", "placement group strategy of the students", choices=PLACEMENTS)
-    startup_timeout: float = setting(60.0, "seconds to wait for the cluster to fit the cohort",
-                                     check=above(0))
     max_restarts: int = setting(3, "cohort restarts after a dead actor", check=at_least(0))
 
     default_views = "shared"

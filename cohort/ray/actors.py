@@ -18,14 +18,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .. import methods
 from ..config import CohortConfig
 from ..data import Dataset, epoch_batches
+from ..devices import check_gpu_settings, require_gpus
 from ..errors import RunFailed, TrainingDiverged
 from ..metrics import accuracy_and_loss
 from ..progress import epoch_line, say, step_bar
 from ..runs import latest_checkpoint
 from ..runtime.common import (cohort_rows, general_weights, prepare_run, restore_point,
                               run_summary, should_checkpoint)
-from ..student import DataSpec, Student, resolve_device
-from .cluster import bundle, connect, reserve, unit_resources
+from ..student import DataSpec, Student
+from .cluster import (Capacity, Request, bundle, capacity, connect, reserve, this_process_device,
+                      unit_resources)
 from .exchange import CollectiveExchange, StoreExchange
 from .telemetry import Telemetry
 
@@ -63,8 +65,7 @@ class StudentWorker:
         torch.set_num_threads(max(1, threads))
         self.cfg = methods.load_config(cfg)
         self.dataset = dataset_from_arrays(data)
-        self.device = resolve_device("cuda" if torch.cuda.is_available() and self.cfg.device != "cpu"
-                                     else "cpu")
+        self.device = this_process_device(self.cfg.device)   # what Ray assigned, never a guess
         spec = DataSpec.of(self.dataset, self.cfg.crop_padding, self.cfg.flip)
         self.student = Student(index, arch, self.cfg, spec, self.device)
         self.method = methods.of(self.cfg)
@@ -160,10 +161,14 @@ class StudentWorker:
 
 
 # ---- the driver -------------------------------------------------------------------------
-def student_resources(cfg: CohortConfig) -> tuple[float, float]:
+def student_resources(cfg: CohortConfig, cap: Capacity | None = None) -> tuple[float, float]:
     """(CPUs, GPUs) per student: one GPU each on a GPU cluster, else the CPUs shared out."""
     return unit_resources(cfg.students, cfg.cpus_per_student, cfg.gpus_per_student,
-                          use_gpus=cfg.device != "cpu")
+                          use_gpus=cfg.device != "cpu", cap=cap)
+
+
+def student_request(cfg: CohortConfig, cpus: float, gpus: float) -> Request:
+    return Request([bundle(cpus, gpus)] * cfg.students, f"a {cfg.students}-student cohort")
 
 
 class ActorCohort:
@@ -232,21 +237,31 @@ def enclosing_group(students: int):
     return None
 
 
+def place_students(cfg: CohortConfig) -> tuple:
+    """(placement group, its first student bundle, CPUs and GPUs per student, whether this
+    run owns the group): the enclosing Tune trial's group, else one reserved here, waiting
+    up to --startup-timeout (an autoscaler is asked for it) unless it can never fit."""
+    group = enclosing_group(cfg.students)
+    if group is not None:
+        spec = group.bundle_specs[1]
+        cpus, gpus = spec.get("CPU", 0.0), spec.get("GPU", 0.0)
+        require_gpus(cfg.device, gpus, "--gpus-per-student")
+        return group, 1, cpus, gpus, False
+    cap = capacity()
+    cpus, gpus = student_resources(cfg, cap)
+    require_gpus(cfg.device, gpus, "--gpus-per-student")
+    group = reserve(student_request(cfg, cpus, gpus), cfg.placement, cfg.startup_timeout, cap)
+    return group, 0, cpus, gpus, True
+
+
 def run_ray(cfg: CohortConfig, dataset: Dataset | None = None,
             on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Train the cohort as Ray actors; returns the summary. `on_epoch(rows)` is called after
     every epoch's metrics are written (Ray Tune reports through it)."""
     run, dataset = prepare_run(cfg, dataset)   # all validation happens before Ray starts
+    check_gpu_settings(cfg)
     connect(cfg.method, cfg.name)
-    group = enclosing_group(cfg.students)
-    if group is not None:
-        spec = group.bundle_specs[1]
-        cpus, gpus, first_bundle, owned = spec.get("CPU", 0.0), spec.get("GPU", 0.0), 1, False
-    else:
-        cpus, gpus = student_resources(cfg)
-        group = reserve([bundle(cpus, gpus)] * cfg.students, cfg.placement, cfg.startup_timeout,
-                        f"a {cfg.students}-student cohort")
-        first_bundle, owned = 0, True
+    group, first_bundle, cpus, gpus, owned = place_students(cfg)
     run.start()
     data_ref = ray.put(dataset_arrays(dataset))
     placement = (group, first_bundle, cpus, gpus)

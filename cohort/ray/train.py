@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import TrainJobConfig
 from ..data import Dataset
+from ..devices import check_gpu_settings, require_gpus
 from ..errors import TrainingDiverged
 from ..methods import NetworkMethod
 from ..progress import say
@@ -45,7 +46,8 @@ from ..runtime.common import write_summary
 from ..runtime.network import Host, train
 from ..sync_bn import synchronise_batchnorm
 from .actors import dataset_arrays, dataset_from_arrays
-from .cluster import ResourceError, cluster_totals, connect, describe, unit_resources
+from .cluster import (Capacity, Request, bundle, capacity, connect,
+                      refuse_if_never_fits, reserve, this_process_device, unit_resources)
 from .telemetry import Telemetry
 
 STORAGE_NAME = "checkpoints"      # Ray Train's run name: its folder is RUN/checkpoints
@@ -53,16 +55,28 @@ STATE_FILE = "train_state"        # RUN/checkpoints/epoch-NNNN/train_state.pt
 
 
 # ---- resources ------------------------------------------------------------------------------
-def worker_resources(cfg: TrainJobConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) per worker, after checking that the cluster can hold N of them at all."""
-    totals = cluster_totals()
+def worker_resources(cfg: TrainJobConfig, cap: Capacity | None = None) -> tuple[float, float]:
+    """(CPUs, GPUs) per worker, after checking that the cluster can ever hold N of them
+    (now, or once its autoscaler adds nodes); raises ResourceError at once if not."""
+    cap = cap or capacity()
     cpus, gpus = unit_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker,
-                                use_gpus=cfg.device != "cpu")
-    asked = {"CPU": cpus * cfg.workers, "GPU": gpus * cfg.workers}
-    if any(asked[k] > totals[k] + 1e-9 for k in asked):
-        raise ResourceError(f"{cfg.workers} workers ask for {describe(asked)} "
-                            f"(CPU {cpus:g}, GPU {gpus:g} each), but the cluster has {describe(totals)}")
+                                use_gpus=cfg.device != "cpu", cap=cap)
+    refuse_if_never_fits(worker_request(cfg, cpus, gpus), cap)
+    require_gpus(cfg.device, gpus, "--gpus-per-worker")
     return float(cpus), float(gpus)
+
+
+def worker_request(cfg: TrainJobConfig, cpus: float, gpus: float) -> Request:
+    return Request([bundle(cpus, gpus)] * cfg.workers, f"{cfg.workers} workers", verb="ask",
+                   unit="worker", gpu_flag="--gpus-per-worker")
+
+
+def wait_for_workers(cfg: TrainJobConfig, cpus: float, gpus: float, cap: Capacity) -> None:
+    """Reserve the workers' resources once and let go: waits up to the startup timeout for
+    busy resources or an autoscaler's new nodes, then fails with one line, where Ray Train
+    would retry its worker group without a deadline. Ray Train then reserves its own group."""
+    group = reserve(worker_request(cfg, cpus, gpus), "pack", cfg.startup_timeout, cap)
+    ray.util.remove_placement_group(group)
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -70,11 +84,15 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
                   callbacks: list | None = None) -> dict:
     """Train `task` as a Ray Train job writing the run directory `run` (planned, not started);
     returns the summary. `callbacks` are extra Ray Train UserCallbacks (a sweep's forwarder of
-    rank 0's rows to Tune). Raises ResourceError before writing anything when the cluster is too
-    small, TrainingDiverged on a non-finite loss, ray.train.TrainingFailedError otherwise."""
+    rank 0's rows to Tune). Raises ResourceError before writing anything when the cluster can
+    never hold the workers (at once) or has not freed or grown room for them within the startup
+    timeout, TrainingDiverged on a non-finite loss, ray.train.TrainingFailedError otherwise."""
     cfg = task.cfg
+    check_gpu_settings(cfg)
     connect(cfg.method, cfg.name)
-    cpus, gpus = worker_resources(cfg)
+    cap = capacity()
+    cpus, gpus = worker_resources(cfg, cap)
+    wait_for_workers(cfg, cpus, gpus, cap)
     run.path = run.path.resolve()   # workers and the controller have other working directories
     latest = latest_checkpoint(run.path) if cfg.resume else None
     resumed_from = _epochs_completed(latest) if latest else 0
@@ -85,9 +103,9 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
         train_loop_config={"task": task, "data": ray.put(dataset_arrays(dataset)),
                            "threads": max(1, int(cpus)),
                            "resume_from": str(latest) if latest else None},
-        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 and cfg.device != "cpu" else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
-                                     resources_per_worker=_bundle(cpus, gpus)),
+                                     resources_per_worker=bundle(cpus, gpus)),
         run_config=RunConfig(
             name=STORAGE_NAME, storage_path=str(run.path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -106,10 +124,6 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
             state = load_checkpoint_file(Path(folder) / f"{STATE_FILE}.pt")
         extra.update(task.finish(run.path, state.get("task", {})))
     return write_summary(run, cfg, extra)
-
-
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
 
 
 def _epochs_completed(checkpoint_dir: Path) -> int:
@@ -157,7 +171,7 @@ class RayHost(Host):
     def __init__(self, config: dict, method: NetworkMethod):
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = this_process_device(method.cfg.device)   # what Ray assigned this worker
         self.method, self.resume_from = method, config["resume_from"]
         cfg = method.cfg
         self.telemetry = Telemetry(cfg.name, cfg.method, f"worker{self.rank}")   # live, per worker
@@ -165,7 +179,7 @@ class RayHost(Host):
     def prepare(self, model):
         if self.world > 1:
             model = synchronise_batchnorm(model, self.device)
-        return ray.train.torch.prepare_model(model)   # to the device; DDP when world > 1
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)   # DDP when world > 1
 
     def all_reduce(self, sums):
         if self.world > 1:

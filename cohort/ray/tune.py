@@ -27,7 +27,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from ray import tune
 from ray.tune import ExperimentAnalysis, Tuner
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -36,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ..errors import UsageError
 from ..runs import write_json
 from ..runtime import run
-from .cluster import ResourceError, bundle, cluster_totals, connect, describe
+from .cluster import ResourceError, bundle, capacity, connect, describe, never_fits
 from ..sweep import (EXIT_INTERRUPTED, RUNS_DIR, SPEC_FILE, SWEEP_METHODS, TRIAL_CPUS, SweepSpec,
                      _check_range, check_trials, epoch_metrics, leaderboard, metric_names,
                      spec_from_args, stored_epochs, trial_args, trial_config)
@@ -58,15 +57,18 @@ def tune_forwarder():
 # ---- resources ------------------------------------------------------------------------------
 def resolve_resources(spec: SweepSpec) -> dict:
     """Per-unit (student / Train worker) CPUs and GPUs, after checking that the largest trial
-    fits the cluster; raises ResourceError naming both."""
+    can ever fit the cluster (now, or once its autoscaler adds nodes); raises ResourceError
+    naming both. `fits`: how many such trials the cluster holds at once (by what its autoscaler
+    says it can grow to, where it says so); `grows`: an autoscaler that does not say how far."""
     method = SWEEP_METHODS[spec.method]
     configs = check_trials(spec)
     cfg = configs[0]
-    totals = cluster_totals()
+    cap = capacity()
+    totals = cap.totals
     units = max(getattr(c, method.units) for c in configs)
     explicit_gpus = getattr(cfg, method.unit_gpus)
     gpus = explicit_gpus if explicit_gpus >= 0 else (
-        1.0 if totals["GPU"] > 0 and getattr(cfg, "device", "auto") != "cpu" else 0.0)
+        1.0 if cap.has_gpus and getattr(cfg, "device", "auto") != "cpu" else 0.0)
     explicit_cpus = getattr(cfg, method.unit_cpus)
     share = spec.max_concurrent or 1
     if explicit_cpus > 0:
@@ -77,28 +79,23 @@ def resolve_resources(spec: SweepSpec) -> dict:
         cpus = max(0.01, math.floor(100 * (totals["CPU"] - share * TRIAL_CPUS) / (share * units)) / 100)
     need = {"CPU": TRIAL_CPUS + units * cpus, "GPU": units * gpus}
     flag = "--" + method.unit_cpus.replace("_", "-")
-    if any(need[k] > totals[k] + 1e-9 for k in need):
+    reason = never_fits([{"CPU": TRIAL_CPUS}] + [bundle(cpus, gpus)] * units, cap)
+    if reason is not None:
         raise ResourceError(
             f"one {spec.method} trial needs {describe(need)} (the trial's own CPU {TRIAL_CPUS:g} + "
-            f"{units} {method.units} x {describe({'CPU': cpus, 'GPU': gpus})}), but the cluster has "
-            f"{describe(totals)}; lower {flag} or --{method.units}, or add nodes")
-    biggest_node = _largest_node()
-    one = {"CPU": cpus, "GPU": gpus}
-    if biggest_node and any(one[k] > biggest_node.get(k, 0.0) + 1e-9 for k in one):
-        raise ResourceError(f"one of the {method.units} needs {describe(one)}, more than any node "
-                            f"has (largest: {describe(biggest_node)})")
-    fits = math.floor(min(totals[k] / need[k] for k in need if need[k] > 0) + 1e-9)
-    return {"cpus": cpus, "gpus": gpus, "trial_cpus": TRIAL_CPUS, "fits": max(1, fits)}
+            f"{units} {method.units} x {describe({'CPU': cpus, 'GPU': gpus})}), but {reason}; "
+            f"lower {flag} or --{method.units}, or add nodes")
+    reach = _trials_within(cap.ceiling, need) if cap.autoscaling and cap.ceiling else math.inf
+    grows = cap.autoscaling and math.isinf(reach)
+    fits = _trials_within(totals, need) if grows or not cap.autoscaling else reach
+    return {"cpus": cpus, "gpus": gpus, "trial_cpus": TRIAL_CPUS, "fits": max(1, int(fits)),
+            "grows": grows}
 
 
-def _largest_node() -> dict:
-    best = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            res = node.get("Resources", {})
-            if res.get("CPU", 0.0) > best.get("CPU", 0.0):
-                best = {"CPU": res.get("CPU", 0.0), "GPU": res.get("GPU", 0.0)}
-    return best
+def _trials_within(resources: dict, need: dict) -> float:
+    """How many trials needing `need` fit in `resources` (inf for an unbounded ceiling)."""
+    room = min(resources[k] / need[k] for k in need if need[k] > 0)
+    return room if math.isinf(room) else math.floor(room + 1e-9)
 
 
 def trial_resources(spec: dict, config: dict):
@@ -180,8 +177,8 @@ def _concurrency(spec: SweepSpec) -> int | None:
     if method.nested:           # the trial's placement group holds everything it uses
         return spec.max_concurrent or None
     fits = spec.resources["fits"]   # Ray Train reserves its workers outside Tune's view
-    if spec.max_concurrent and spec.max_concurrent <= fits:
-        return spec.max_concurrent
+    if spec.max_concurrent and (spec.max_concurrent <= fits or spec.resources.get("grows")):
+        return spec.max_concurrent   # (an autoscaler of unknown reach may make room for more)
     if spec.max_concurrent:
         print(f"sweep: --max-concurrent {spec.max_concurrent} lowered to {fits}: Ray Train reserves "
               "each ONE trial's workers itself, and the cluster holds that many trials", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .. import methods
 from ..config import validate, validate_against_data
 from ..data import Dataset
+from ..devices import check_gpu_settings
 from ..runs import RunDir
 from .common import load_data, prepare_run
 
@@ -18,6 +19,7 @@ def run(cfg, dataset: Dataset | None = None, *, on_epoch=None, callbacks: list |
     forwarder to Tune); `method` replaces the registered method instance (tests inject
     faults this way)."""
     family = methods.get(cfg.method).family
+    check_gpu_settings(cfg)   # GPU settings Ray or NCCL would refuse, before anything is written
     if family == "cohort":
         if cfg.runtime == "local":
             from .local import run_cohort
