@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# the Ray the tests ran on; pyproject.toml accepts >=2.56,<3 (a cluster's Ray decides)
+RAY_PIN := ray[default,train,tune]==2.60.0
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test clean mutate
@@ -12,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q $(TORCH_PINS) '$(RAY_PIN)'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -7,15 +7,15 @@ to every member, K = 2 and 4, through
                  uses: each member rewrites one object-store channel (a mutable shared-memory
                  object) that its K-1 peers read;
 * `collective` - cohort.ray.exchange.CollectiveExchange between the same actors (gloo all_gather);
-* `ray_put`    - not project code: the plain object-store path on public APIs. Every step each
-                 member `ray.put`s its logits (a numpy array: a new object in the shared-memory
-                 store) and hands the ObjectRef, wrapped in a list so that Ray passes the
-                 reference rather than resolving it, to each peer in an actor call; the peer
-                 `ray.get`s it (RayPut below);
-* `actor_push` - not project code: the design `store` replaced, one actor call per peer and
-                 step with the logits as its argument (ActorPush below). Ray inlines arguments
-                 under 100 KiB into the task spec, so these 51 kB travel inside the call (gRPC),
-                 not through the object store;
+* `refs`       - cohort.ray.exchange.RefsExchange, the transport on Ray's public APIs only (what
+                 `store` falls back to when the channel API is missing or changed): one actor
+                 call per peer and step. Payloads under 100 KiB, as these 51 kB, travel inside
+                 the call (gRPC; Ray inlines arguments that small), which is also the design
+                 `store` replaced (formerly `actor_push` here);
+* `refs_put`   - the same class with its inline limit at 0: every step each member `ray.put`s its
+                 logits (a new object in the shared-memory store) and hands the ObjectRef, inside
+                 a list so that Ray passes it unresolved, to each peer in the call; peers
+                 `ray.get` it. The path `refs` takes above 100 KiB (formerly `ray_put` here);
 * `bare`       - torch.distributed gloo all_gather among K plain processes (multiprocessing, no
                  Ray): what a cohort written on torch.distributed alone would pay;
 * `shm_floor`  - the floor of any transport on one host: K plain processes (no Ray, no
@@ -33,8 +33,9 @@ over median step of the reference in that round) with the interquartile range of
 per-round ratios as its spread.
 
 Part 2 (exposed). A real DML cohort (run_ray, resnet20, synthetic 32x32, K = 2, one actor and
-one thread per student) with `store` and with `collective`, interleaved (store, collective |
-collective, store | ...) for `--train-rounds` rounds; the first epoch of every run is a warm-up.
+one thread per student) with `store`, `refs` and `collective`, interleaved (store, refs,
+collective | collective, refs, store | ...) for `--train-rounds` rounds; the first epoch of
+every run is a warm-up.
 From metrics.parquet: the students' `exchange_seconds` (time blocked in gather: transport
 latency not hidden behind the cross-entropy, plus waiting for a slower peer) over
 `train_seconds`. In each step the member that publishes last waits for the transport alone, so
@@ -43,6 +44,7 @@ mean over members (the headline) adds the imbalance between peers (on a shared C
 other processes taking a core from one of them).
 
 Targets: store no slower than bare all_gather (K = 2 and 4); exposed exchange < 5% of step time.
+Also printed, with no target: refs / store latency (what the fallback from `store` costs).
 """
 from __future__ import annotations
 
@@ -62,8 +64,8 @@ from common import (compare, describe, finish, machine, median, parser, percenti
 
 B, C = 128, 100
 PROCESS_TRANSPORTS = ("bare", "shm_floor")            # plain processes, no Ray
-ACTOR_TRANSPORTS = ("store", "collective", "ray_put", "actor_push")
-TRANSPORTS = ("store", "collective", "ray_put", "actor_push", "bare", "shm_floor")
+ACTOR_TRANSPORTS = ("store", "collective", "refs", "refs_put")
+TRANSPORTS = ("store", "collective", "refs", "refs_put", "bare", "shm_floor")
 
 
 def free_port() -> int:
@@ -216,70 +218,6 @@ class ProcessGroup:
             self.shm.unlink()
 
 
-# ---- the alternatives between actors (not project code) ------------------------------------------
-class ActorPush:
-    """The design `store` replaced, for comparison: every step each member calls `deliver` on
-    each peer with its logits (a numpy array, the call's argument), and waits for K-1 deliveries.
-
-    Not an object-store path: Ray inlines task arguments under 100 KiB (these are 51 kB) into
-    the task specification, so the logits travel inside the actor call itself."""
-
-    def __init__(self, rank: int, peers: list):
-        import threading
-        self.rank, self.peers, self.world = rank, peers, len(peers)
-        self.inbox: dict = {}
-        self.ready = threading.Condition()
-        self._own = None
-
-    def deliver(self, key, sender: int, value) -> None:   # runs in the actor's other thread
-        with self.ready:
-            self.inbox.setdefault(key, {})[sender] = value
-            self.ready.notify_all()
-
-    def publish(self, key, logits) -> None:
-        self._own = logits.detach()
-        value = self._own.cpu().numpy()
-        for j, peer in enumerate(self.peers):
-            if j != self.rank:
-                peer.deliver.remote(key, self.rank, value)
-
-    def _wait(self, key) -> dict:
-        with self.ready:
-            self.ready.wait_for(lambda: len(self.inbox.get(key, ())) == self.world - 1)
-            return self.inbox.pop(key)
-
-    def gather(self, key) -> list:
-        got = self._wait(key)
-        return [self._own if j == self.rank else torch.from_numpy(got[j].copy())
-                for j in range(self.world)]
-
-
-class RayPut(ActorPush):
-    """The object-store path on Ray's public API: every step each member `ray.put`s its logits
-    (a new object in the shared-memory store; ray.put does not inline) and calls
-    `deliver_ref` on each peer with `[ref]` (inside a list, so Ray passes the ObjectRef on and
-    neither inlines nor resolves the value); a peer `ray.get`s the K-1 references it received,
-    reading the objects from the node's store (zero-copy views), and copies them out.
-    (Checked on Ray 2.60: five ray.put calls of these 51 kB arrays leave five objects, 257 kB, in
-    the store, while the same array as a task argument leaves none.)"""
-
-    def publish(self, key, logits) -> None:
-        import ray
-        self._own = logits.detach()
-        self._ref = ray.put(self._own.cpu().numpy())   # kept until the next step's put
-        for j, peer in enumerate(self.peers):
-            if j != self.rank:
-                peer.deliver_ref.remote(key, self.rank, [self._ref])
-
-    def gather(self, key) -> list:
-        import ray
-        got = self._wait(key)                           # {sender: ObjectRef}
-        peers = [j for j in range(self.world) if j != self.rank]
-        values = dict(zip(peers, ray.get([got[j] for j in peers])))
-        return [self._own if j == self.rank else torch.from_numpy(values[j].copy())
-                for j in range(self.world)]
-
-
 # ---- Ray actors with the transports ---------------------------------------------------------------
 class Peer:
     """A stand-in StudentWorker: the same transports and wiring, no model."""
@@ -288,7 +226,7 @@ class Peer:
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.device = torch.device(device)
-        self.store = self.collective = self.actor_push = self.ray_put = None
+        self.store = self.collective = self.refs = self.refs_put = None
 
     def rendezvous(self):
         import ray
@@ -304,17 +242,19 @@ class Peer:
         return self._channel
 
     def connect(self, peers, master, channels) -> None:
-        from cohort.ray.exchange import CollectiveExchange, StoreExchange
+        from cohort.ray.exchange import CollectiveExchange, RefsExchange, StoreExchange
         self.store = StoreExchange(self.rank, self._channel, channels, self.device)
         self.collective = CollectiveExchange(self.rank, self.world, master, self.device)
-        self.actor_push = ActorPush(self.rank, peers)
-        self.ray_put = RayPut(self.rank, peers)
+        self.refs = RefsExchange(self.rank, peers, self.device)
+        # its peers' deliveries reach it through deliver_logits (below): a handle per transport
+        self.refs_put = RefsExchange(self.rank, [PutPeer(p) for p in peers], self.device,
+                                     inline_bytes=0)
 
-    def deliver(self, key, sender, value) -> None:
-        self.actor_push.deliver(key, sender, value)
+    def deliver_logits(self, sender, count, key, payload) -> None:   # as StudentWorker's
+        self.refs.deliver(sender, count, key, payload)
 
-    def deliver_ref(self, key, sender, boxed: list) -> None:
-        self.ray_put.deliver(key, sender, boxed[0])      # the ObjectRef itself, not its value
+    def deliver_put(self, sender, count, key, payload) -> None:
+        self.refs_put.deliver(sender, count, key, payload)
 
     def run(self, transport: str, tag, steps: int) -> list[float]:
         return timed_steps(getattr(self, transport), tag, steps, self.device)
@@ -325,6 +265,13 @@ class Peer:
 
     def rss_bytes(self) -> dict:
         return proc_memory(os.getpid())
+
+
+class PutPeer:
+    """A Peer's handle whose deliver_logits goes to its `refs_put` transport."""
+
+    def __init__(self, peer):
+        self.deliver_logits = peer.deliver_put
 
 
 def start_peers(ray, world: int, device: str, gpus: float):
@@ -352,7 +299,7 @@ def latency_part(ray, args) -> tuple[list[dict], dict, dict]:
         order = TRANSPORTS if rnd % 2 == 0 else TRANSPORTS[::-1]
         for k in worlds:
             for t in order:
-                tag = f"{t}-{rnd}"
+                tag = rnd          # the step key (round, step): two ints, as (epoch, step)
                 if t in PROCESS_TRANSPORTS:
                     per_rank = procs[(k, t)].run(tag, steps)
                 else:
@@ -397,7 +344,7 @@ def exposed_part(ray, args) -> tuple[list[dict], dict]:
 
     data = load_dataset("synthetic", synthetic_samples=(args.train_images, 256),
                         synthetic_shape=(3, 32, 32), synthetic_classes=100)
-    transports = ("store", "collective")
+    transports = ("store", "refs", "collective")
     runs: dict[str, list[dict]] = {t: [] for t in transports}
     with tempfile.TemporaryDirectory(prefix="bench-exchange-") as tmp:
         for rnd in range(args.train_rounds):
@@ -449,6 +396,10 @@ def exposed_part(ray, args) -> tuple[list[dict], dict]:
     return rows, runs
 
 
+def per_round_of(rows: list[dict], k: int, transport: str) -> list[float]:
+    return next(r["round_medians_ms"] for r in rows if r["K"] == k and r["transport"] == transport)
+
+
 def main() -> None:
     p = parser("exchange", __doc__)
     p.add_argument("--steps", type=int, default=200, help="exchange steps per round (default 200)")
@@ -477,6 +428,8 @@ def main() -> None:
                 f"rounds pooled; ratios: median and IQR of the per-round ratios)"))
     comparisons = [compare(f"store / bare gloo all_gather, K={k}", ratios[(k, "store", "bare")],
                            1.0, "<=") for k in (2, 4)]
+    refs_vs_store = {k: [a / b for a, b in zip(per_round_of(lat_rows, k, "refs"),
+                                               per_round_of(lat_rows, k, "store"))] for k in (2, 4)}
     exposed_rows, exposed_runs = [], {}
     if not args.skip_training:
         exposed_rows, exposed_runs = exposed_part(ray, args)
@@ -493,6 +446,9 @@ def main() -> None:
     for c in comparisons:
         print(describe(c))
     store_vs_bare = {k: median(ratios[(k, "store", "bare")]) for k in (2, 4)}
+    for k in (2, 4):   # no target: what falling back from store to refs costs
+        q1, q3 = quartiles(refs_vs_store[k])
+        print(f"refs / store, K={k}: {median(refs_vs_store[k]):.2f} (IQR {q3 - q1:.2f})")
     worst_exposed = max((r["exposed_pct"] for r in exposed_rows), default=float("nan"))
     finish(args, "exchange", {"machine": machine(args.device), "latency": lat_rows, **lat_meta,
                               "per_round_ratios": {f"K={k} {t}/{ref}": v
@@ -501,6 +457,7 @@ def main() -> None:
                               "train_images": args.train_images, "epochs": args.epochs,
                               "train_rounds": args.train_rounds,
                               "store_vs_bare": store_vs_bare, "worst_exposed_pct": worst_exposed,
+                              "refs_vs_store": {k: median(v) for k, v in refs_vs_store.items()},
                               "comparisons": comparisons,
                               "targets": {"store_vs_bare": 1.0, "exposed_pct": 5.0}}, started)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import HERE, QUICK_DIR, command_line, machine, table, utc_now
 
-BENCHMARKS = ("data_path", "exchange", "scaling", "memory", "one_overhead", "teacher")
+BENCHMARKS = ("data_path", "exchange", "scaling", "memory", "one_overhead", "teacher", "multinode")
 
 
 def _fmt(v: float, unit: str) -> str:

@@ -24,8 +24,9 @@ from .data import DATASETS
 from .models.registry import RESIDUAL_INIT
 from .errors import UsageError
 from .optim import SCHEDULES
+from .storage import location
 
-EXCHANGES = ("store", "collective")
+EXCHANGES = ("store", "refs", "collective")
 PLACEMENTS = ("pack", "spread")
 VIEWS = ("shared", "separate")
 RUNTIMES = ("ray", "local")
@@ -125,7 +126,7 @@ class JobConfig:
     kd_weight: float = setting(1.0, "lambda, the weight of the KL terms", check=at_least(0))
     # the run
     seed: int = setting(0, "seed of every random draw (weights, sample order, augmentation)")
-    output: str = setting("runs/run", "run directory")
+    output: str = setting("runs/run", "run directory: a path, or a URI (s3://bucket/prefix, gs://...)")
     name: str = setting("", "run name (default: the output directory's name)")
     overwrite: bool = setting(False, "replace the run already in --output")
     resume: bool = setting(False, "continue from --output's latest checkpoint")
@@ -169,7 +170,8 @@ class CohortConfig(JobConfig):
                                             "(fractions allowed)", check=auto_or(above(0)))
     exchange: str = setting("store", "how logits travel between actors", choices=EXCHANGES)
     placement: str = setting("pack", "placement group strategy of the students", choices=PLACEMENTS)
-    max_restarts: int = setting(3, "cohort restarts after a dead actor", check=at_least(0))
+    max_restarts: int = setting(3, "cohort restarts after a member failure (a dead actor, a lost "
+                                   "node, a failed logit exchange)", check=at_least(0))
 
     default_views = "shared"
 
@@ -251,6 +253,7 @@ def validate(cfg: JobConfig) -> None:
     for f in dataclasses.fields(cfg):
         _check_value(getattr(cfg, f.name), f, types.get(f.name))
     cfg.check()
+    location(cfg.output, "--output")   # a path, or a URI pyarrow opens: never a local "s3:" folder
 
 
 def validate_against_data(cfg: JobConfig, dataset) -> None:

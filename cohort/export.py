@@ -7,29 +7,18 @@ the number of classes and channels then come from the dataset.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
-import torch
 from torch import nn
 
 from .errors import CheckpointError
 from .models import MODEL_NAMES, build_model
 from .runs import load_checkpoint_file
+from .storage import location, save_torch
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_torch_save(obj, path) -> None:
+    """torch.save of the whole file at once: locally a temporary file renamed into place, on
+    an object store one upload (cohort.storage)."""
+    save_torch(obj, path)
 
 
 def save_plain_model(path, arch: str, num_classes: int, in_channels: int, state: dict,
@@ -42,7 +31,7 @@ def save_plain_model(path, arch: str, num_classes: int, in_channels: int, state:
 def read_plain_model(path, num_classes: int, in_channels: int, flag: str) -> dict:
     """Load and check a model file; the payload with arch, num_classes, in_channels, model.
     Anything unusable raises CheckpointError naming `flag`."""
-    path = Path(path)
+    path = location(path, flag)
     if not path.is_file():
         raise CheckpointError(f"{flag}: {path} is not a file")
     payload = load_checkpoint_file(path)

@@ -17,6 +17,7 @@ from the files, so a report can be made of a run that is still going or was inte
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import re
@@ -24,10 +25,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from . import storage
 from .errors import UsageError
 from .runs import choose
+from .storage import read_parquet
 
 FLAG = "RUN_DIR"
 from .methods import METHODS  # noqa: E402
@@ -71,7 +72,7 @@ def _read_json(path: Path) -> dict:
 
 def _read_parquet(path: Path) -> list[dict]:
     try:
-        return pq.read_table(path).to_pylist()
+        return read_parquet(path).to_pylist()
     except Exception as exc:  # truncated file, not Parquet, ...
         raise UsageError(FLAG, f"{path} is not a readable Parquet file ({_reason(exc)})") from None
 
@@ -86,7 +87,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def load_run(path: Path) -> Run:
-    path = Path(path)
+    path = storage.location(path, FLAG)
     metrics = path / "metrics.parquet"
     rows = _read_parquet(metrics) if metrics.is_file() else []
     rows.sort(key=lambda r: (r.get("epoch", 0), natural_key(r.get("member", ""))))
@@ -431,7 +432,7 @@ class Sweep:
 def load_sweep(path: Path) -> Sweep:
     table_path = path / "results.parquet"
     try:
-        table = pq.read_table(table_path)
+        table = read_parquet(table_path)
     except Exception as exc:
         raise UsageError(FLAG, f"{table_path} is not a readable Parquet file ({_reason(exc)})") from None
     return Sweep(path, table.to_pylist(), list(table.column_names), _read_json(path / "best.json"))
@@ -522,7 +523,7 @@ def plot_runs(runs: list[tuple[str, Run]], out: Path) -> None:
     for (title, run), (ax_acc, ax_loss) in zip(runs, axes):
         plot_run_axes(run, ax_acc, ax_loss, title)
     fig.tight_layout()
-    fig.savefig(out)
+    _save_figure(fig, out)
 
 
 def plot_sweep(sweep: Sweep, out: Path) -> None:
@@ -576,14 +577,14 @@ def plot_sweep(sweep: Sweep, out: Path) -> None:
     if not sweep.rows:
         ax.text(0.5, 0.5, "no trials", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(out)
+    _save_figure(fig, out)
 
 
 # ---- entry points --------------------------------------------------------------------------------
 def write_report(run_dir) -> tuple[Path, Path]:
     """Write RUN_DIR/report.md and RUN_DIR/curves.png; returns their paths. Raises
     UsageError (naming RUN_DIR) for a path that is not a run, stages or sweep directory."""
-    path = Path(run_dir)
+    path = storage.location(run_dir, FLAG)   # a local path or a URI (s3://, gs://, ...)
     kind = kind_of(path)
     report, curves = path / "report.md", path / "curves.png"
     if kind == "sweep":
@@ -607,9 +608,14 @@ def write_report(run_dir) -> tuple[Path, Path]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    tmp.replace(path)
+    storage.write_text(path, text if text.endswith("\n") else text + "\n")
+
+
+def _save_figure(fig, out) -> None:
+    """PNG bytes written whole (locally renamed into place, on an object store one upload)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    storage.write_bytes(out, buffer.getvalue())
 
 
 def add_report_flags(p: argparse.ArgumentParser) -> None:

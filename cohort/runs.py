@@ -6,8 +6,11 @@
     RUN/checkpoints/epoch-NNNN/   one consistent snapshot: meta.json + <member>.pt
     RUN/tensorboard/       TensorBoard event files: scalar `<member>/<column>` at step = epoch
 
-Checkpoints are written to a temporary directory and renamed into place, so a reader
-never sees half of one. Nothing here imports Ray.
+RUN is a local path or a URI (cohort.storage: s3://, gs://, anything pyarrow opens). A
+checkpoint's meta.json is its completion marker, written after its member files; readers
+take only checkpoints that have one, so none is ever read half-written. Locally the whole
+snapshot is also written to a temporary directory and renamed into place; an object store
+has no rename, so there the marker alone does it. Nothing here imports Ray.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from . import storage
 from .errors import CheckpointError, UsageError
+from .storage import Location, is_remote
 
 # Settings that change where or how fast a run goes, not its numbers: a resumed run may differ in these.
 RUNTIME_KEYS = frozenset({
@@ -45,25 +49,14 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+write_json = storage.write_json   # atomic locally, one whole object on an object store
+MARKER = "meta.json"              # a checkpoint is complete once this file exists
 
 
-def write_json(path: Path, payload: Any) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def load_checkpoint_file(path: Path) -> dict:
+def load_checkpoint_file(path: Location) -> dict:
     """torch.load with weights_only=True; unreadable files become a one-line CheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return storage.load_torch(path)
     except Exception as exc:  # truncated zip, pickle of a foreign object, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: not a readable cohort checkpoint "
@@ -73,8 +66,8 @@ def load_checkpoint_file(path: Path) -> dict:
 class RunDir:
     """A run directory. `plan()` validates without writing; `start()` writes config.json."""
 
-    def __init__(self, path: str | os.PathLike, config: dict, resume: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | Location, config: dict, resume: bool = False):
+        self.path = storage.location(path)
         self.config = config
         self.resume = resume
         self.rows: list[dict] = []
@@ -89,21 +82,25 @@ class RunDir:
     def plan(cls, path, config: dict, *, resume: bool = False, overwrite: bool = False,
              flag: str = "--output") -> "RunDir":
         """Check that a run may use `path`; raises UsageError, writes nothing."""
-        path = Path(path)
-        if resume:
-            cls._check_resumable(path, config)
-        elif path.exists() and not path.is_dir():
-            raise UsageError(flag, f"{path} exists and is not a directory")
-        elif path.exists() and any(path.iterdir()) and not overwrite:
-            what = "holds another run" if (path / "config.json").exists() else "is not empty"
-            raise UsageError(flag, f"{path} {what}; pass --overwrite to replace it "
-                                   "or --resume to continue it")
+        path = storage.location(path, flag)
+        try:
+            storage.require_bucket(path, flag)
+            if resume:
+                cls._check_resumable(path, config)
+            elif path.exists() and not path.is_dir():
+                raise UsageError(flag, f"{path} exists and is not a directory")
+            elif path.exists() and any(path.iterdir()) and not overwrite:
+                what = "holds another run" if (path / "config.json").exists() else "is not empty"
+                raise UsageError(flag, f"{path} {what}; pass --overwrite to replace it "
+                                       "or --resume to continue it")
+        except OSError as exc:   # an unreachable endpoint, a missing bucket, refused credentials
+            raise UsageError(flag, f"cannot read {path} ({storage.first_line(exc)})") from None
         run = cls(path, config, resume=resume)
         run.overwrite = overwrite and not resume
         return run
 
     @staticmethod
-    def _check_resumable(path: Path, config: dict) -> None:
+    def _check_resumable(path: Location, config: dict) -> None:
         if not (path / "config.json").exists() or latest_checkpoint(path) is None:
             raise UsageError("--resume", f"no checkpoint under {path}")
         old = json.loads((path / "config.json").read_text())
@@ -115,15 +112,11 @@ class RunDir:
     def start(self) -> "RunDir":
         if getattr(self, "overwrite", False):
             for name in RUN_FILES:  # only this project's artefacts, never the user's other files
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+                storage.remove(self.path / name)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "checkpoints").mkdir(exist_ok=True)
         if self.resume and (self.path / "metrics.parquet").exists():
-            self.rows = pq.read_table(self.path / "metrics.parquet").to_pylist()
+            self.rows = storage.read_parquet(self.path / "metrics.parquet").to_pylist()
         write_json(self.path / "config.json", self.config)
         return self
 
@@ -136,10 +129,7 @@ class RunDir:
         rows = list(rows)
         self.rows.extend(rows)
         table = pa.Table.from_pylist(_same_columns([_clean_row(r) for r in self.rows]))
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.")
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path / "metrics.parquet")
+        storage.write_parquet(table, self.path / "metrics.parquet")
         write_json(self.path / "summary.json", {**summarize(self.rows, self.config), **self.extra_summary})
         if self._scalars is None:
             self._scalars = ScalarLog(self.path / "tensorboard")
@@ -147,26 +137,52 @@ class RunDir:
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, members: dict[str, dict], meta: dict | None = None,
-                        keep: int = 2) -> Path:
+                        keep: int = 2) -> Location:
         """Write one consistent snapshot after `epoch` (0-based epochs completed = epoch + 1)."""
         root = self.path / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"epoch-{epoch + 1:04d}"
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        try:
-            for name, state in members.items():
-                torch.save(state, tmp / f"{name}.pt")
-            write_json(tmp / "meta.json", {"epochs_completed": epoch + 1,
-                                           "members": sorted(members), **(meta or {})})
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        meta = {"epochs_completed": epoch + 1, "members": sorted(members), **(meta or {})}
+        if is_remote(final):
+            _write_marked_checkpoint(final, members, meta)
+        else:
+            _rename_checkpoint_into_place(final, members, meta)
         for old in _checkpoint_dirs(self.path)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
         return final
+
+
+def _write_marked_checkpoint(final: Location, members: dict[str, dict], meta: dict) -> None:
+    """On an object store: unmark any older snapshot of this epoch, write the member files,
+    then the marker. A crash in between leaves an unmarked folder that readers skip."""
+    _remove_checkpoint(final)
+    for name, state in members.items():
+        storage.save_torch(state, final / f"{name}.pt")
+    write_json(final / MARKER, meta)
+
+
+def _rename_checkpoint_into_place(final: Path, members: dict[str, dict], meta: dict) -> None:
+    """Locally: the whole snapshot (marker last) in a hidden temporary folder, then renamed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        for name, state in members.items():
+            torch.save(state, tmp / f"{name}.pt")
+        write_json(tmp / MARKER, meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_checkpoint(folder: Location) -> None:
+    """The marker first, so a reader never takes a checkpoint whose files are going."""
+    try:
+        storage.remove(folder / MARKER)
+        storage.remove(folder)
+    except OSError:   # pruning an old snapshot is best effort, as it always was
+        pass
 
 
 class ScalarLog:
@@ -175,14 +191,22 @@ class ScalarLog:
 
     Rows that replace ones already logged (a resume, or a restart from a checkpoint) open a
     new event file that starts with a purge marker at their first epoch, so TensorBoard
-    drops the stale points of the epochs trained again instead of drawing both."""
+    drops the stale points of the epochs trained again instead of drawing both.
+
+    SummaryWriter writes local files only: for a run on an object store the events are
+    written to a local temporary folder and its files uploaded after every flush."""
 
     SKIP = frozenset({"epoch"})
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: Location):
+        self.target = storage.location(folder)
+        self.folder = None if is_remote(self.target) else self.target   # where SummaryWriter writes
         self.writer = None
         self.logged: set[tuple[str, int]] = set()
+
+    def _has_events(self) -> bool:
+        return any(p.name.startswith("events.out.tfevents.") for p in self.target.iterdir()) \
+            if self.target.is_dir() else False
 
     def write(self, rows: list[dict]) -> None:
         rows = [r for r in rows if "member" in r and "epoch" in r]
@@ -194,7 +218,9 @@ class ScalarLog:
             self.close()   # rows of epochs trained again: a new file that purges the old points
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            stale = self.folder.is_dir() and any(self.folder.glob("events.out.tfevents.*"))
+            stale = self._has_events()
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="cohort-tb-"))
             self.writer = SummaryWriter(str(self.folder), purge_step=first if stale else None,
                                         flush_secs=3600)
             self.logged = set()
@@ -209,11 +235,20 @@ class ScalarLog:
                 self.writer.add_scalar(f"{member}/{key}", value, epoch)
             self.logged.add((member, epoch))
         self.writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if is_remote(self.target):
+            storage.upload_folder(self.folder, self.target)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            self._upload()
+        if is_remote(self.target) and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)   # the next writer gets a new one
+            self.folder = None
 
     def __del__(self):
         try:
@@ -222,24 +257,25 @@ class ScalarLog:
             pass
 
 
-def _checkpoint_dirs(run_path: Path) -> list[Path]:
-    root = Path(run_path) / "checkpoints"
+def _checkpoint_dirs(run_path: Location) -> list[Location]:
+    """The run's complete checkpoints (those with their marker), oldest first."""
+    root = storage.location(run_path) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("epoch-") and (p / "meta.json").exists()]
+    done = [p for p in root.iterdir() if p.name.startswith("epoch-") and (p / MARKER).exists()]
     return sorted(done)
 
 
-def latest_checkpoint(run_path) -> Path | None:
-    dirs = _checkpoint_dirs(Path(run_path))
+def latest_checkpoint(run_path) -> Location | None:
+    dirs = _checkpoint_dirs(run_path)
     return dirs[-1] if dirs else None
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict]]:
+def read_checkpoint(path: Location) -> tuple[dict, dict[str, dict]]:
     """(meta, {member: state}) of a checkpoint directory."""
-    path = Path(path)
+    path = storage.location(path)
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / MARKER).read_text())
         names = meta["members"]
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} has no readable meta.json ({exc})") from None

@@ -40,6 +40,7 @@ from . import methods
 from .config import validate
 from .errors import UsageError
 from .flags import Parser, add_method_flags, config_from_args
+from .storage import Location, location, read_parquet
 
 SCHEDULERS = ("fifo", "asha")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
@@ -72,10 +73,10 @@ class SweepMethod:
     member: str = "student"          # what the per-member metric rows are called
     nested: bool = True              # True: the units live in bundles of the trial's placement group
     # the trial's run directory -> the run directory whose metrics and checkpoints it reports
-    history: Callable[[Path], Path] = lambda run_dir: run_dir
+    history: Callable[[Location], Location] = lambda run_dir: run_dir
 
 
-def _last_stage(run_dir: Path) -> Path:
+def _last_stage(run_dir: Location) -> Location:
     """A chain trial reports its last stage, the distilled student (RUN/stageI-ARCH)."""
     from .runtime.chain import stage_name
     config = run_dir / "config.json"
@@ -163,8 +164,9 @@ class SweepSpec:
     resources: dict = field(default_factory=dict)   # resolved once the cluster is known
 
     @property
-    def path(self) -> Path:
-        return Path(self.storage).resolve() / self.name
+    def path(self) -> Location:
+        """STORAGE/NAME: a local folder, or a URI's folder (s3://, gs://, ...)."""
+        return location(self.storage, "--storage").resolve() / self.name
 
     def search_key(self) -> dict:
         keys = ("method", "fixed", "grid", "sample", "samples", "scheduler", "metric",
@@ -318,7 +320,8 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials at once (0: as many as the cluster holds)")
     p.add_argument("--name", default="sweep", help="the sweep's name: its directory is STORAGE/NAME")
-    p.add_argument("--storage", default="runs/sweeps", help="where sweeps live (a shared path on a cluster)")
+    p.add_argument("--storage", default="runs/sweeps",
+                   help="where sweeps live: a shared path on a cluster, or a URI (s3://bucket/sweeps, gs://...)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
     group = p.add_argument_group("the method's fixed flags (`cohort <method> --help`)")
     taken = {s for a in p._actions for s in a.option_strings}
@@ -368,6 +371,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     given = {_dest(t) for t in fixed if str(t).startswith("--")}
     for dest in given & set(CONTROLLED):
         raise UsageError("--" + dest.replace("_", "-"), f"set by the sweep: {CONTROLLED[dest]}")
+    location(args.storage, "--storage")   # a path or a URI pyarrow opens, checked before Ray starts
     for dest in set(grid) & set(sample):
         raise UsageError("--sample", f"{dest} is also in the grid")
     method_flags = (method.unit_cpus, method.unit_gpus)
@@ -428,7 +432,7 @@ def check_trials(spec: SweepSpec) -> list:
 
 
 # ---- the trial ------------------------------------------------------------------------------
-def trial_config(spec: SweepSpec, params: dict, run_dir: Path, name: str):
+def trial_config(spec: SweepSpec, params: dict, run_dir: Location, name: str):
     method = SWEEP_METHODS[spec.method]
     args = trial_args(spec, params)
     args.output, args.name = str(run_dir), name
@@ -438,16 +442,15 @@ def trial_config(spec: SweepSpec, params: dict, run_dir: Path, name: str):
     return method.build(args), args
 
 
-def stored_epochs(run_dir: Path) -> tuple[int, list[list[dict]]]:
+def stored_epochs(run_dir: Location) -> tuple[int, list[list[dict]]]:
     """(epochs completed by the latest checkpoint, their metric rows grouped by epoch)."""
-    import pyarrow.parquet as pq
-    from .runs import latest_checkpoint
+    from .runs import MARKER, latest_checkpoint
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return 0, []
-    done = json.loads((latest / "meta.json").read_text())["epochs_completed"]
+    done = json.loads((latest / MARKER).read_text())["epochs_completed"]
     metrics = run_dir / "metrics.parquet"
-    rows = pq.read_table(metrics).to_pylist() if metrics.exists() else []
+    rows = read_parquet(metrics).to_pylist() if metrics.exists() else []
     by_epoch: dict[int, list[dict]] = {}
     for row in rows:
         if row["epoch"] < done:

@@ -77,3 +77,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- a real S3 server on loopback (run directories on object storage) ---------------------
+BUCKET = "cohort-test"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on 127.0.0.1 (moto's server mode, spoken to over HTTP) with one bucket;
+    the standard AWS variables point at it for the module using it. Start it before Ray, so
+    actors, Train workers and the nodes of a test cluster inherit them."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in (*AWS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)   # it would win over AWS_ENDPOINT_URL
+    os.environ.update(AWS, AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    import boto3
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

@@ -13,6 +13,7 @@ import torch
 
 from cohort.cli import run_guarded
 from cohort.ray.cluster import ResourceError
+from cohort.config import EXCHANGES
 from cohort.ray.actors import ActorCohort, run_ray
 from cohort.data import load_dataset
 from cohort.runtime.local import run_cohort
@@ -26,7 +27,8 @@ METRICS_PORT = free_port()
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": a cluster of its own, even when another session on this machine runs one
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=METRICS_PORT)
     yield
     ray.shutdown()
@@ -52,15 +54,40 @@ def assert_states_close(a, b, atol):
 def faulty_worker(kind: str, member: int, epoch: int, step: int, record: Path, times: int = 1):
     """The real student actor, except that student `member` fails at (epoch, step), at most
     `times` times over all attempts (each failure leaves a file in `record`): `kill` SIGKILLs
-    its own process mid-step, `nan` / `inf` make its loss non-finite."""
+    its own process mid-step (`kill-wiring`: while the cohort is wired, before training), `nan` /
+    `inf` make its loss non-finite, `close` closes its
+    object-store channel (--exchange store) and `stall` never publishes that step's logits
+    (every member's exchange then times out after STALL_TIMEOUT seconds)."""
+    import threading
     import uuid
     from cohort.ray.actors import StudentWorker
 
     class FaultyWorker(StudentWorker):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self.student.index == member:
+            if self.student.index == member and kind in ("kill", "nan", "inf"):
                 self.student.learn = self._failing(self.student.learn)
+
+        def connect(self, transport, wiring):
+            if self.student.index == member and kind == "kill-wiring" and not any(record.iterdir()):
+                (record / f"{kind}-{os.getpid()}").touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().connect(transport, wiring)
+            if kind == "stall":
+                self.exchange.timeout = STALL_TIMEOUT
+            if self.student.index == member and kind in ("close", "stall"):
+                self.exchange.publish = self._failing_publish(self.exchange.publish)
+
+        def _failing_publish(self, publish):
+            def wrapped(key, logits):
+                if tuple(key) == (epoch, step) and len(list(record.iterdir())) < times:
+                    (record / f"{kind}-{os.getpid()}").touch()
+                    if kind == "close":
+                        self._channel.close()      # this write and its peers' reads fail
+                    else:
+                        threading.Event().wait()   # until the restart kills this actor
+                return publish(key, logits)
+            return wrapped
 
         def _failing(self, learn):
             def wrapped(loss, logits, labels, at_step):
@@ -100,23 +127,24 @@ def test_three_students_store_collective_and_local_agree(tmp_path, digits, metho
     # the reference runs with the actors' single thread (conftest sets it).
     assert torch.get_num_threads() == 1
     run_cohort(tiny_cohort(tmp_path / "local", **settings), dataset)
-    for exchange in ("store", "collective"):
+    for exchange in EXCHANGES:
         run_ray(tiny_cohort(tmp_path / exchange, exchange=exchange, **settings), dataset)
     local = final_states(tmp_path / "local")
     store, collective = final_states(tmp_path / "store"), final_states(tmp_path / "collective")
     assert set(store) == {"student0", "student1", "student2"}
     assert_states_close(store, collective, atol=1e-6)
+    assert_states_equal(store, final_states(tmp_path / "refs"))   # the same bytes travel
     assert_states_close(local, store, atol=1e-5)
     # the students really differ (so agreeing is not trivial)
     assert not torch.allclose(store["student0"]["model"]["classifier.weight"], store["student1"]["model"]["classifier.weight"])
-    rows = {p: rows_of(tmp_path / p) for p in ("local", "store", "collective")}
+    rows = {p: rows_of(tmp_path / p) for p in ("local", *EXCHANGES)}
     for a, b in zip(rows["local"], rows["store"]):
         assert a["member"] == b["member"]
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.6)
         if a["train_loss"] is not None:
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
             assert a["train_kd"] == pytest.approx(b["train_kd"], rel=1e-3) and a["train_kd"] > 0
-    for exchange in ("store", "collective"):   # time blocked waiting for peers: real, within the epoch
+    for exchange in EXCHANGES:   # time blocked waiting for peers: real, within the epoch
         for row in rows[exchange][:3]:
             assert 0 < row["exchange_seconds"] < row["epoch_seconds"], (exchange, row)
 
@@ -166,6 +194,40 @@ def test_sigkilled_actor_restarts_the_cohort_to_the_uninterrupted_numbers(tmp_pa
     assert trained == list(range(epoch)) + list(range(restart_from, 4))
     assert numbers_of(rows_of(run)) == numbers_of(rows_of(uninterrupted))
     assert_states_equal(final_states(run), final_states(uninterrupted))
+
+
+STALL_TIMEOUT = 5.0
+
+
+# refs and collective: ~35 s more each on this 2-core machine; tests/test_exchange.py shows that
+# their timeouts raise the same ExchangeFailed that the driver turns into a restart here.
+@pytest.mark.parametrize("exchange, fault", [("store", "close")], ids=["store-channel-closed"])
+def test_a_failed_exchange_restarts_the_cohort_to_the_uninterrupted_numbers(tmp_path, data, uninterrupted,
+                                                                            monkeypatch, capsys, exchange, fault):
+    """A channel error (or an exchange timeout: fault "stall") in epoch 3 is a member failure,
+    like a dead actor: the cohort restarts from the epoch-2 checkpoint and ends where an
+    uninterrupted run ends."""
+    record = tmp_path / "faults"
+    monkeypatch.setattr(ActorCohort, "worker_class", faulty_worker(fault, 1, 2, 3, record))
+    run, trained = tmp_path / "run", []
+    summary = run_ray(tiny_cohort(run, epochs=4, checkpoint_every=2, exchange=exchange, name=f"x{fault}"),
+                      data, on_epoch=lambda rows: trained.append(rows[0]["epoch"]))
+    assert len(list(record.iterdir())) == 1 and summary["restarts"] == 1
+    assert trained == [0, 1, 2, 3]                     # epoch 3 (index 2) failed, then 2 and 3 again
+    said = capsys.readouterr().out
+    assert "'s logit exchange failed (" in said and "of step (2, 3)" in said, said
+    assert "restarting the cohort from its last checkpoint (restart 1/3)" in said
+    assert numbers_of(rows_of(run)) == numbers_of(rows_of(uninterrupted))
+    assert_states_equal(final_states(run), final_states(uninterrupted))
+
+
+def test_a_member_lost_while_the_cohort_starts_is_restarted_too(tmp_path, data, monkeypatch, capsys):
+    record = tmp_path / "killed"
+    monkeypatch.setattr(ActorCohort, "worker_class", faulty_worker("kill-wiring", 1, 0, 0, record))
+    summary = run_ray(tiny_cohort(tmp_path / "run", epochs=1, name="lostwiring"), data)
+    assert len(list(record.iterdir())) == 1 and summary["restarts"] == 1
+    assert summary["epochs_completed"] == 1
+    assert "student1's actor died in epoch 1; restarting the cohort" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])

@@ -19,7 +19,7 @@ FAST = dict(dataset="digits", batch_size=64, lr=0.1, schedule="cosine", progress
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

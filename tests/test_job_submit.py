@@ -155,7 +155,7 @@ def test_stopping_the_head_stops_its_processes_and_no_other_ray(head):
     import ray
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         session = ray._private.worker._global_node.get_session_dir_path()
         mine = head.own_processes()

@@ -32,7 +32,7 @@ EPOCHS = 4
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     # The Train controller and its helper actors take no CPU; the 2 workers take 1 CPU each.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])   # FailAt travels to workers
     yield
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

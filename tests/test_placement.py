@@ -246,7 +246,7 @@ def one_gpu():
     """Ray on this machine with 2 CPUs and one GPU resource: Ray assigns it (id '0') and sets
     CUDA_VISIBLE_DEVICES as it would on a GPU node; torch here sees no CUDA."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
 
 

@@ -25,7 +25,7 @@ BASE = ["--method", "dml", "--students", "2", "--arch", "resnet8", "--dataset", 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -12,7 +12,6 @@ every step. `cohort kd` is a chain of two: `--teacher ARCH` trained first, or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from ..losses import soft_kl
 from ..metrics import accuracy_and_loss
 from ..models import MODEL_NAMES, zero_init_wanted
 from ..step import StepLoss
+from ..storage import location
 from ..student import DataSpec, seeded_model
 from .base import PAPER_INIT, ChainMethod, EpochContext, EvalSet, NetworkMethod, Recipe, register
 
@@ -106,7 +106,7 @@ class KdStage(NetworkMethod):
         final = state.get("final")
         if final is None:
             return {}
-        save_plain_model(Path(run_path) / MODEL_FILE, self.cfg.arch, final["num_classes"],
+        save_plain_model(location(run_path) / MODEL_FILE, self.cfg.arch, final["num_classes"],
                          final["in_channels"], final["model"], stage=self.cfg.stage)
         return {"model": MODEL_FILE}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from ..losses import one_ensemble_logits, soft_kl
 from ..metrics import accuracy_and_loss, ensemble_metrics
 from ..models import MODEL_NAMES, build_one, zero_init_wanted
 from ..step import StepLoss
+from ..storage import location
 from ..student import DataSpec
 from ..student import seeded as seeded_build
 from .base import PAPER_INIT, EpochContext, EvalSet, NetworkMethod, Recipe, register
@@ -132,7 +132,7 @@ class BranchSelection:
             return {}
         payload = {k: best[k] for k in ("arch", "num_classes", "in_channels", "model", "branch",
                                          "epoch", "test_acc")}
-        atomic_torch_save({**payload, "selection": self.rule()}, Path(run_path) / "best_student.pt")
+        atomic_torch_save({**payload, "selection": self.rule()}, location(run_path) / "best_student.pt")
         return {"best_student": {"member": f"{self.prefix}{best['branch']}", "epoch": best["epoch"],
                                  "test_acc": best["test_acc"], "arch": best["arch"],
                                  "selection": self.rule(), "path": "best_student.pt"}}

@@ -1,8 +1,9 @@
 """DML and KDCL cohorts on Ray: one actor per student, logits exchanged every step.
 
 The driver starts the actors in a placement group, runs epochs, writes the run directory and
-recovers from a dead actor by restoring the whole cohort from the last checkpoint. It is not
-on the per-step path: the actors exchange logits among themselves (cohort.ray.exchange).
+recovers from a member failure (a dead actor, a lost node, a failed logit exchange) by
+restoring the whole cohort from the last checkpoint. It is not on the per-step path: the
+actors exchange logits among themselves (cohort.ray.exchange).
 """
 from __future__ import annotations
 
@@ -27,18 +28,24 @@ from ..runtime.common import (cohort_rows, general_weights, prepare_run, restore
                               run_summary, should_checkpoint)
 from ..student import DataSpec, Student
 from .cluster import (Capacity, Request, bundle, capacity, connect, reserve, this_process_device,
-                      unit_resources)
-from .exchange import CollectiveExchange, StoreExchange
+                      unit_resources, wait_for_group)
+from .exchange import (CollectiveExchange, ExchangeFailed, RefsExchange, StepMismatch,
+                       StoreExchange, resolve_exchange)
 from .telemetry import Telemetry
 
-ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# A member's process or node is gone: the driver sees these on the member's pending call.
+ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.NodeDiedError)
 PROGRESS_SECONDS = 10.0
 
 
 class MemberFailed(RuntimeError):
-    def __init__(self, member: str, cause: Exception):
-        super().__init__(f"{member} failed: {type(cause).__name__}")
-        self.member = member
+    """A member failure the cohort restarts from: `what` completes "student1...", e.g.
+    "'s actor died" or "'s logit exchange failed (RayChannelTimeoutError ...)"."""
+
+    def __init__(self, member: str, cause: Exception, what: str = "'s actor died"):
+        super().__init__(f"{member}{what}: {type(cause).__name__}")
+        self.member, self.what = member, what
 
 
 # ---- data travels once, through the object store -------------------------------------------
@@ -100,12 +107,19 @@ class StudentWorker:
         return self._channel
 
     def connect(self, transport: str, wiring) -> None:
-        """`wiring`: every member's channel (store), or the collective's master address."""
+        """`wiring`: every member's channel (store), every member's actor (refs), or the
+        collective's master address."""
         rank = self.student.index
         if transport == "collective":
             self.exchange = CollectiveExchange(rank, self.cfg.students, wiring, self.device)
+        elif transport == "refs":
+            self.exchange = RefsExchange(rank, wiring, self.device)
         else:
             self.exchange = StoreExchange(rank, self._channel, wiring, self.device)
+
+    def deliver_logits(self, sender: int, count: int, key: tuple, payload) -> None:
+        """A peer's logits (`--exchange refs`); runs in the actor's second thread."""
+        self.exchange.deliver(sender, count, key, payload)
 
     def load(self, state: dict) -> None:
         self.student.load_state_dict(state)
@@ -185,20 +199,30 @@ class ActorCohort:
         self.actors = [
             worker.options(
                 name=f"{cfg.method}-{cfg.name}-student-{k}{suffix}", num_cpus=cpus, num_gpus=gpus,
-                max_concurrency=2,  # pid() and the like answer while run_epoch() trains
+                max_concurrency=2,  # deliver_logits(), pid() answer while run_epoch() trains
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=first_bundle + k),
             ).remote(k, arch, cfg.to_dict(), data_ref, int(max(1, cpus)))
             for k, arch in enumerate(cfg.archs)]
-        if cfg.exchange == "collective":
+        try:
+            self._wire(cfg.exchange)
+        except BaseException:   # a member lost while starting: no actor outlives this attempt
+            self.shutdown()
+            raise
+
+    def _wire(self, exchange: str) -> None:
+        if exchange == "collective":
             wiring = self.gather([self.actors[0].rendezvous.remote()])[0]
+        elif exchange == "refs":
+            wiring = self.actors
         else:
             wiring = self.call("open_channel", self.actors, self.call("node"))
-        self.call("connect", cfg.exchange, wiring)
+        self.call("connect", exchange, wiring)
 
     def gather(self, futures: list, every_second: Callable[[], None] | None = None) -> list:
-        """Results in member order; a dead actor raises MemberFailed within about a second.
-        `every_second` runs while waiting (progress)."""
+        """Results in member order. A dead actor or a failed exchange raises MemberFailed
+        (a dead actor within about a second); a diverged loss or a step mismatch stops the
+        run with its own one-line error. `every_second` runs while waiting (progress)."""
         pending = {ref: k for k, ref in enumerate(futures)}
         results = {}
         while pending:
@@ -212,8 +236,11 @@ class ActorCohort:
                 except ACTOR_ERRORS as exc:
                     raise MemberFailed(self.names[k], exc) from exc
                 except ray.exceptions.RayTaskError as exc:
-                    if isinstance(exc.cause, TrainingDiverged):
-                        raise exc.cause from None  # one line naming member, epoch and step
+                    if isinstance(exc.cause, ExchangeFailed):
+                        raise MemberFailed(self.names[k], exc.cause,
+                                           f"'s logit exchange failed ({exc.cause})") from exc
+                    if isinstance(exc.cause, (TrainingDiverged, StepMismatch)):
+                        raise exc.cause from None  # one line naming member/keys, epoch and step
                     raise
         return [results[k] for k in range(len(futures))]
 
@@ -258,6 +285,7 @@ def run_ray(cfg: CohortConfig, dataset: Dataset | None = None,
             on_epoch: Callable[[list[dict]], None] | None = None) -> dict:
     """Train the cohort as Ray actors; returns the summary. `on_epoch(rows)` is called after
     every epoch's metrics are written (Ray Tune reports through it)."""
+    cfg.exchange = resolve_exchange(cfg.exchange)   # store -> refs where the channel API changed
     run, dataset = prepare_run(cfg, dataset)   # all validation happens before Ray starts
     check_gpu_settings(cfg)
     connect(cfg.method, cfg.name)
@@ -283,13 +311,30 @@ def _restore(cfg, run, cohort: ActorCohort) -> int:
     return epoch
 
 
-def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> dict:
-    attempt = 0
+def _start(cfg, run, data_ref, placement, attempt: int) -> tuple[ActorCohort, int]:
+    """A new cohort of actors and the epoch it starts at: a restart (attempt > 0) or --resume
+    continues from the last checkpoint. A restart first waits, at most --startup-timeout, for
+    the group to hold every bundle again (a lost node's bundles are placed anew)."""
+    group, _, cpus, gpus = placement
+    if attempt:
+        wait_for_group(group, student_request(cfg, cpus, gpus), cfg.placement, cfg.startup_timeout)
     cohort = ActorCohort(cfg, data_ref, *placement, attempt)
-    epoch = _restore(cfg, run, cohort) if cfg.resume else 0
     try:
-        while epoch < cfg.epochs:
+        epoch = _restore(cfg, run, cohort) if attempt or cfg.resume else 0
+    except BaseException:
+        cohort.shutdown()
+        raise
+    return cohort, epoch
+
+
+def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> dict:
+    attempt, epoch, cohort = 0, 0, None
+    try:
+        while cohort is None or epoch < cfg.epochs:
             try:
+                if cohort is None:   # the first attempt, or a restart (a member failed starting, too)
+                    cohort, epoch = _start(cfg, run, data_ref, placement, attempt)
+                    continue
                 rows = _run_epoch(cfg, run, dataset, cohort, epoch)
                 epoch += 1
                 if on_epoch is not None:
@@ -298,17 +343,18 @@ def _train(cfg, run, dataset, data_ref, placement, max_restarts, on_epoch) -> di
                 attempt += 1
                 if attempt > max_restarts:
                     raise RunFailed(
-                        f"{failure.member}'s actor died in epoch {epoch + 1} and --max-restarts "
+                        f"{failure.member}{failure.what} in epoch {epoch + 1} and --max-restarts "
                         f"{max_restarts} is used up; the run directory keeps its last checkpoint "
                         "(rerun with --resume to continue)") from failure
-                say(f"[{cfg.name}] {failure.member}'s actor died in epoch {epoch + 1}; "
+                say(f"[{cfg.name}] {failure.member}{failure.what} in epoch {epoch + 1}; "
                     f"restarting the cohort from its last checkpoint (restart {attempt}/{max_restarts})")
-                cohort.shutdown()
-                cohort = ActorCohort(cfg, data_ref, *placement, attempt)
-                epoch = _restore(cfg, run, cohort)
+                if cohort is not None:
+                    cohort.shutdown()
+                cohort = None
                 run.extra_summary["restarts"] = attempt
     finally:
-        cohort.shutdown()
+        if cohort is not None:
+            cohort.shutdown()
     return run_summary(run)
 
 

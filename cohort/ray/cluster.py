@@ -185,13 +185,24 @@ def unit_resources(units: int, cpus: float, gpus: float, use_gpus: bool = True,
     """(CPUs, GPUs) for each of `units` actors or Train workers; -1 means the default: one GPU
     each (and one CPU) on a GPU cluster (one with GPUs, or whose autoscaler says it can add
     some) unless `use_gpus` is off, else the cluster's CPUs shared out among the units,
-    fractions allowed, so K students fit a laptop."""
+    fractions allowed, so K students fit a laptop (and, on several nodes, the nodes)."""
     cap = cap or capacity()
     if gpus < 0:
         gpus = 1.0 if cap.has_gpus and use_gpus else 0.0
     if cpus <= 0:
-        cpus = 1.0 if gpus > 0 else max(0.01, math.floor(100 * cap.totals["CPU"] / units) / 100)
+        cpus = 1.0 if gpus > 0 else cpu_share([n["CPU"] for n in cap.nodes] or [cap.totals["CPU"]],
+                                              units)
     return float(cpus), float(gpus)
+
+
+def cpu_share(node_cpus: list[float], units: int) -> float:
+    """The largest CPU amount, in hundredths (at least 0.01), of which `units` bundles fit the
+    nodes, each node holding as many as its CPUs allow: on one node, its CPUs / units; on two
+    2-CPU nodes, 2 for 1 or 2 units and 1 for 3 or 4 (never 4 / 3, which no 2 nodes hold)."""
+    def fits(share: float) -> bool:
+        return sum(math.floor(n / share + EPS) for n in node_cpus) >= units
+    candidates = {math.floor(100 * n / k + EPS) / 100 for n in node_cpus for k in range(1, units + 1)}
+    return max([c for c in candidates if c > 0 and fits(c)], default=0.01)
 
 
 def describe(resources: dict[str, float]) -> str:
@@ -312,6 +323,14 @@ def reserve(request: Request, strategy: str, timeout: float, cap: Capacity | Non
         remove_placement_group(group)
         raise ResourceError(_timeout_message(request, strategy, timeout, cap))
     return group
+
+
+def wait_for_group(group, request: Request, strategy: str, timeout: float) -> None:
+    """Wait up to `timeout` seconds until every bundle of a group reserved earlier is placed,
+    else ResourceError. After a lost node Ray re-places its bundles where the nodes left can
+    hold them; an actor started in a bundle still pending would wait without a deadline."""
+    if not group.wait(timeout_seconds=timeout):
+        raise ResourceError(_timeout_message(request, strategy, timeout, capacity()))
 
 
 def _timeout_message(request: Request, strategy: str, timeout: float, cap: Capacity) -> str:

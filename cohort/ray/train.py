@@ -11,8 +11,11 @@ workers compute what one worker computes with the same global batch (up to float
 the epoch statistics are all-reduced; rank 0's rows and checkpoints go to `ray.train.report`.
 
 Checkpoints live in RUN/checkpoints/epoch-NNNN/ (RunConfig storage_path=RUN, name
-"checkpoints"), each a cohort checkpoint (meta.json + train_state.pt) that `runs.py` can
-read. Rerunning with `resume` makes Ray Train load its snapshot of that folder, so
+"checkpoints", on RUN's filesystem: a local path or any URI of cohort.storage), each a cohort
+checkpoint (train_state.pt, then meta.json) that `runs.py` can read. Ray Train uploads the
+worker's files; the controller's callback then writes meta.json, the completion marker
+(`runs.MARKER`), so a checkpoint whose upload was cut short is never taken for a whole one.
+Rerunning with `resume` makes Ray Train load its snapshot of that folder, so
 `ray.train.get_checkpoint()` returns the latest one (the run directory's latest checkpoint is
 the fallback when Ray has no snapshot); FailureConfig(max_failures) restarts a failed worker
 group from the latest checkpoint within one run. The metric rows travel with the report to a
@@ -41,7 +44,8 @@ from ..devices import check_gpu_settings, require_gpus
 from ..errors import TrainingDiverged
 from ..methods import NetworkMethod
 from ..progress import say
-from ..runs import RunDir, latest_checkpoint, load_checkpoint_file, write_json
+from ..runs import MARKER, RunDir, latest_checkpoint, load_checkpoint_file, write_json
+from ..storage import RemotePath, ray_storage
 from ..runtime.common import write_summary
 from ..runtime.network import Host, train
 from ..sync_bn import synchronise_batchnorm
@@ -94,6 +98,7 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
     cpus, gpus = worker_resources(cfg, cap)
     wait_for_workers(cfg, cpus, gpus, cap)
     run.path = run.path.resolve()   # workers and the controller have other working directories
+    storage_path, filesystem = ray_storage(run.path)
     latest = latest_checkpoint(run.path) if cfg.resume else None
     resumed_from = _epochs_completed(latest) if latest else 0
     run.start()
@@ -102,12 +107,12 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
         _worker_loop,
         train_loop_config={"task": task, "data": ray.put(dataset_arrays(dataset)),
                            "threads": max(1, int(cpus)),
-                           "resume_from": str(latest) if latest else None},
+                           "resume_from": ray_storage(latest) if latest else None},
         torch_config=TorchConfig(backend="nccl" if gpus > 0 and cfg.device != "cpu" else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
                                      resources_per_worker=bundle(cpus, gpus)),
         run_config=RunConfig(
-            name=STORAGE_NAME, storage_path=str(run.path),
+            name=STORAGE_NAME, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=[writer, *(callbacks or [])], logging_config=LoggingConfig(log_level="WARNING")),
@@ -126,8 +131,8 @@ def run_train_job(task: NetworkMethod, run: RunDir, dataset: Dataset,
     return write_summary(run, cfg, extra)
 
 
-def _epochs_completed(checkpoint_dir: Path) -> int:
-    return int(json.loads((Path(checkpoint_dir) / "meta.json").read_text())["epochs_completed"])
+def _epochs_completed(checkpoint_dir) -> int:
+    return int(json.loads((checkpoint_dir / MARKER).read_text())["epochs_completed"])
 
 
 def _diverged(exc: Exception) -> TrainingDiverged | None:
@@ -138,8 +143,9 @@ def _diverged(exc: Exception) -> TrainingDiverged | None:
 
 
 class _RunDirWriter(UserCallback):
-    """Runs on the Train controller: appends rank 0's rows to RUN/metrics.parquet and prints
-    the epoch line. Rows of epochs a restarted worker group trains again are replaced."""
+    """Runs on the Train controller: marks each uploaded checkpoint complete, appends rank 0's
+    rows to RUN/metrics.parquet and prints the epoch line. Rows of epochs a restarted worker
+    group trains again are replaced."""
 
     def __init__(self, run: RunDir, task: NetworkMethod, progress: bool):
         self.run, self.task, self.progress = run, task, progress
@@ -147,6 +153,8 @@ class _RunDirWriter(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         report = metrics[0] if metrics else {}
+        if checkpoint is not None:
+            self._mark_complete(checkpoint, report["epoch"])
         rows = report.get("rows")
         if not rows:
             return
@@ -154,6 +162,15 @@ class _RunDirWriter(UserCallback):
         self.run.append_metrics(rows)
         if self.progress:
             say(self.task.epoch_line(rows))
+
+    def _mark_complete(self, checkpoint: Checkpoint, epoch: int) -> None:
+        """Write meta.json beside the train_state.pt Ray Train has finished uploading."""
+        where = self.run.path
+        folder = (RemotePath(checkpoint.filesystem, checkpoint.path, where.prefix, where.query)
+                  if isinstance(where, RemotePath) else Path(checkpoint.path))
+        cfg = self.task.cfg
+        write_json(folder / MARKER, {"epochs_completed": epoch + 1, "members": [STATE_FILE],
+                                     "method": cfg.method, "name": cfg.name})
 
     def after_exception(self, run_context, worker_exceptions):
         self.restarts += 1
@@ -190,7 +207,8 @@ class RayHost(Host):
         # RUN/checkpoints when resuming); the run directory's latest if Ray has no snapshot
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None and self.resume_from:
-            checkpoint = Checkpoint.from_directory(self.resume_from)
+            path, filesystem = self.resume_from
+            checkpoint = Checkpoint(path, filesystem)
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
@@ -213,7 +231,7 @@ class RayHost(Host):
             ray.train.report(report)
             return
         with tempfile.TemporaryDirectory(prefix="cohort-ckpt-") as folder:
-            checkpoint = _save(Path(folder), state, self.method.cfg) if state is not None else None
+            checkpoint = _save(Path(folder), state) if state is not None else None
             ray.train.report(report, checkpoint=checkpoint,
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
@@ -226,8 +244,7 @@ def _worker_loop(config: dict) -> None:
     train(method, dataset, RayHost(config, method))
 
 
-def _save(folder: Path, state: dict, cfg) -> Checkpoint:
+def _save(folder: Path, state: dict) -> Checkpoint:
+    """The worker's part of a checkpoint: its state alone; the marker comes once uploaded."""
     torch.save(state, folder / f"{STATE_FILE}.pt")
-    write_json(folder / "meta.json", {"epochs_completed": state["epochs_completed"],
-                                      "members": [STATE_FILE], "method": cfg.method, "name": cfg.name})
     return Checkpoint.from_directory(str(folder))

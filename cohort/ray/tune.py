@@ -12,8 +12,9 @@ so ASHA can stop it early:
   Tune; Ray Train reserves its workers itself, so the trial reserves only its own bundle and
   the sweep caps concurrency at what the cluster holds.
 
-`run_sweep` runs or restores the Tune experiment STORAGE/NAME; `collect_results` writes
-results.parquet and best.json; `run_sweep_job` is `cohort sweep`.
+`run_sweep` runs or restores the Tune experiment STORAGE/NAME (a local folder or a URI's:
+Tune, the trials' run directories and the results all use its filesystem); `collect_results`
+writes results.parquet and best.json; `run_sweep_job` is `cohort sweep`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray import tune
 from ray.tune import ExperimentAnalysis, Tuner
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -34,6 +34,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ..errors import UsageError
 from ..runs import write_json
+from ..storage import (first_line, location, ray_storage, read_parquet, require_bucket,
+                       write_parquet)
 from ..runtime import run
 from .cluster import ResourceError, bundle, capacity, connect, describe, never_fits
 from ..sweep import (EXIT_INTERRUPTED, RUNS_DIR, SPEC_FILE, SWEEP_METHODS, TRIAL_CPUS, SweepSpec,
@@ -163,13 +165,15 @@ def _tuner(spec: SweepSpec, concurrency: int):
     if spec.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period,
                                   reduction_factor=spec.reduction_factor)
+    storage_path, filesystem = ray_storage(spec.path.parent)   # a local folder or a URI's
     return tune.Tuner(
         _trainable(spec), param_space=param_space(spec),
         tune_config=tune.TuneConfig(metric=spec.metric, mode="max", scheduler=scheduler,
                                     num_samples=spec.samples, max_concurrent_trials=concurrency,
                                     trial_dirname_creator=trial_dirname,
                                     reuse_actors=SWEEP_METHODS[spec.method].nested),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(spec.path.parent), verbose=1))
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path,
+                                  storage_filesystem=filesystem, verbose=1))
 
 
 def _concurrency(spec: SweepSpec) -> int | None:
@@ -186,8 +190,12 @@ def _concurrency(spec: SweepSpec) -> int | None:
 
 
 def _resumed_spec(args: argparse.Namespace) -> SweepSpec:
-    path = Path(args.storage).resolve() / args.name
-    if not (path / SPEC_FILE).exists() or not Tuner.can_restore(str(path)):
+    path = location(args.storage, "--storage").resolve() / args.name
+    try:
+        restorable = (path / SPEC_FILE).exists() and Tuner.can_restore(*ray_storage(path))
+    except OSError as exc:   # an unreachable endpoint, a missing bucket, refused credentials
+        raise UsageError("--storage", f"cannot read {path} ({first_line(exc)})") from None
+    if not restorable:
         raise UsageError("--resume", f"no restorable sweep at {path}")
     stored = SweepSpec(**json.loads((path / SPEC_FILE).read_text()))
     stored.storage = str(path.parent)
@@ -208,7 +216,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
     """Run (or continue) the sweep; returns {"path", "trials", "best", "interrupted"}."""
 
     path = spec.path
-    if not resume and (path / SPEC_FILE).exists():
+    try:
+        require_bucket(path, "--storage")
+        taken = (path / SPEC_FILE).exists()
+    except OSError as exc:   # an unreachable endpoint, a missing bucket, refused credentials
+        raise UsageError("--storage", f"cannot read {path} ({first_line(exc)})") from None
+    if not resume and taken:
         raise UsageError("--name", f"{path} holds a sweep already: pass --resume to continue it, "
                                    "or choose another --name or --storage")
     connect(f"sweep-{spec.method}", spec.name)
@@ -217,8 +230,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / SPEC_FILE, asdict(spec))
     if resume:
-        tuner = tune.Tuner.restore(str(path), trainable=_trainable(spec), resume_unfinished=True,
-                                   resume_errored=True)
+        experiment, filesystem = ray_storage(path)
+        tuner = tune.Tuner.restore(experiment, trainable=_trainable(spec), resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=filesystem)
     else:
         tuner = _tuner(spec, concurrency)
     tuner.fit()
@@ -231,7 +245,7 @@ def _trial_epochs(run_dir: Path) -> list[dict]:
     if not metrics.exists():
         return []
     by_epoch: dict[int, list[dict]] = {}
-    for row in pq.read_table(metrics).to_pylist():
+    for row in read_parquet(metrics).to_pylist():
         by_epoch.setdefault(row["epoch"], []).append(row)
     return [epoch_metrics(by_epoch[e]) for e in sorted(by_epoch)]
 
@@ -257,7 +271,9 @@ def collect_results(spec: SweepSpec) -> dict:
     """results.parquet, best.json and the leaderboard, from Tune's trials and their run dirs."""
 
     path = spec.path
-    analysis = ExperimentAnalysis(str(path), default_metric=spec.metric, default_mode="max")
+    experiment, filesystem = ray_storage(path)
+    analysis = ExperimentAnalysis(experiment, storage_filesystem=filesystem,
+                                  default_metric=spec.metric, default_mode="max")
     searched = list(spec.grid) + list(spec.sample)
     method = SWEEP_METHODS[spec.method]
     reported = metric_names(method, check_trials(spec)[0])
@@ -282,14 +298,14 @@ def collect_results(spec: SweepSpec) -> dict:
         row["run_dir"] = str(run_dir)
         row["error"] = _error_line(trial) if trial.status == "ERROR" else ""
         rows.append(row)
-    pq.write_table(pa.Table.from_pylist(rows), path / "results.parquet")
+    write_parquet(pa.Table.from_pylist(rows), path / "results.parquet")
     ranked = sorted(rows, key=lambda r: (r[f"best_{spec.metric}"] is None,
                                          -(r[f"best_{spec.metric}"] or 0.0),
                                          -(r[f"final_{spec.metric}"] or 0.0)))
     best = None
     if ranked and ranked[0][f"best_{spec.metric}"] is not None:
         top = ranked[0]
-        run_dir = Path(top["run_dir"])
+        run_dir = location(top["run_dir"])
         best = {"metric": spec.metric, "trial_id": top["trial_id"],
                 "params": {k: top[k] for k in searched}, "best": top[f"best_{spec.metric}"],
                 "best_epoch": top["best_epoch"], "final": top[f"final_{spec.metric}"],

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from ..config import TrainJobConfig, require, validate, validate_against_data
@@ -20,6 +18,7 @@ from ..methods.kd import MODEL_FILE, ChainConfig, KdStage, StageConfig, stage_me
 from ..metrics import accuracy_and_loss
 from ..models import build_model, count_parameters
 from ..runs import RunDir, config_differences, latest_checkpoint, load_checkpoint_file
+from ..storage import Location, location, read_parquet
 from .common import load_data
 
 
@@ -33,11 +32,11 @@ def stage_config(cfg: ChainConfig, index: int, teacher_path: str) -> StageConfig
     name = stage_name(index, cfg.chain[index])
     return StageConfig(**common, method=stage_method(teacher_path), arch=cfg.chain[index],
                        stage=index, teacher=teacher_path, alpha=cfg.alpha,
-                       temperature=cfg.temperature, output=str(Path(cfg.output) / name),
+                       temperature=cfg.temperature, output=str(location(cfg.output) / name),
                        name=f"{cfg.name}-{name}")
 
 
-def finished(stage_dir: Path, stage_cfg: StageConfig) -> bool:
+def finished(stage_dir: Location, stage_cfg: StageConfig) -> bool:
     """A stage already trained with these settings (what --skip-trained reuses)."""
     config, model = stage_dir / "config.json", stage_dir / MODEL_FILE
     if not (config.exists() and model.exists()):
@@ -73,7 +72,7 @@ def run_chain(cfg: ChainConfig, dataset=None, callbacks: list | None = None) -> 
     teacher_path = ""
     for index, arch in enumerate(cfg.chain):
         if index == 0 and first is not None:
-            teacher_path = str(Path(cfg.teacher_checkpoint).resolve())
+            teacher_path = str(location(cfg.teacher_checkpoint, "--teacher-checkpoint").resolve())
             acc = plain_test_accuracy(first, dataset, cfg.eval_batch_size)
             stages.append(_stage_entry(index, arch, dataset, acc, "loaded", teacher_path))
             continue
@@ -82,10 +81,10 @@ def run_chain(cfg: ChainConfig, dataset=None, callbacks: list | None = None) -> 
         last = index == len(cfg.chain) - 1
         summary = _train_stage(stage_cfg, dataset, cfg,
                                callbacks if last else None)
-        model_path = Path(stage_cfg.output) / MODEL_FILE
+        model_path = location(stage_cfg.output) / MODEL_FILE
         acc = summary["members"]["student"]["final_test_acc"]
         stages.append(_stage_entry(index, arch, dataset, acc, "trained", str(model_path)))
-        rows += _stage_rows(Path(stage_cfg.output), stage_name(index, arch))
+        rows += _stage_rows(location(stage_cfg.output), stage_name(index, arch))
         teacher_path = str(model_path)
         top.rows = []
         top.extra_summary["stages"] = stages
@@ -101,7 +100,7 @@ def run_chain(cfg: ChainConfig, dataset=None, callbacks: list | None = None) -> 
 
 def _train_stage(stage_cfg: StageConfig, dataset, cfg: ChainConfig,
                  callbacks: list | None = None) -> dict:
-    stage_dir = Path(stage_cfg.output)
+    stage_dir = location(stage_cfg.output)
     if (cfg.skip_trained or cfg.resume) and finished(stage_dir, stage_cfg):
         return json.loads((stage_dir / "summary.json").read_text())
     resume = cfg.resume and latest_checkpoint(stage_dir) is not None
@@ -116,15 +115,16 @@ def _train_stage(stage_cfg: StageConfig, dataset, cfg: ChainConfig,
     return run_network(KdStage(stage_cfg, teacher), run, dataset, callbacks=callbacks)
 
 
-def _stage_rows(stage_dir: Path, name: str) -> list[dict]:
-    rows = pq.read_table(stage_dir / "metrics.parquet").to_pylist()
+def _stage_rows(stage_dir: Location, name: str) -> list[dict]:
+    rows = read_parquet(stage_dir / "metrics.parquet").to_pylist()
     return [{**r, "member": name, "method": r["method"]} for r in rows]
 
 
 def read_arch(path) -> str:
-    if not Path(path).is_file():
+    path = location(path, "--teacher-checkpoint")
+    if not path.is_file():
         raise UsageError("--teacher-checkpoint", f"{path} is not a file")
-    payload = load_checkpoint_file(Path(path))
+    payload = load_checkpoint_file(path)
     return payload.get("arch", "") if isinstance(payload, dict) else ""
 
 

@@ -13,6 +13,7 @@ from ..config import JobConfig, validate, validate_against_data
 from ..data import Dataset, load_dataset
 from ..metrics import accuracy_and_loss, ensemble_metrics
 from ..runs import RunDir, latest_checkpoint, read_checkpoint, summarize, write_json
+from ..storage import read_parquet
 
 
 def load_data(cfg: JobConfig) -> Dataset:
@@ -70,8 +71,7 @@ def run_summary(run: RunDir) -> dict:
 def write_summary(run: RunDir, cfg: JobConfig, extra: dict) -> dict:
     """summary.json from the run's metric rows, the restarts already recorded, and `extra`."""
     metrics = run.path / "metrics.parquet"
-    import pyarrow.parquet as pq
-    rows = pq.read_table(metrics).to_pylist() if metrics.exists() else []
+    rows = read_parquet(metrics).to_pylist() if metrics.exists() else []
     previous = run.path / "summary.json"
     if previous.exists():   # keep what a controller-side writer recorded (restarts)
         old = json.loads(previous.read_text())
