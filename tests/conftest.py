@@ -13,6 +13,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # workers polled every 0.5 s. Set before any test module starts Ray.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The same float kernels on every x86 machine. Where the CPU has AVX-512, torch's own kernels,
+# oneDNN's convolutions and MKL pick AVX-512 code that sums in another order (and blocks a
+# batch of 32 differently from one of 64): over a few steps the drift grows to ~1e-4 and flips
+# a sample's prediction. The recorded metrics (tests/data/) and the tolerances of the
+# Ray-vs-one-process comparisons were set with AVX2 code, so every test process (Ray's workers
+# inherit the environment) uses it. Measured on an AVX-512 machine: with these three, the
+# 2-worker PCL run matches one process and the recorded runs match; with ATen's alone, not.
+# Set before torch is imported.
+for _variable, _isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                        ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+    os.environ.setdefault(_variable, _isa)
 
 import torch  # noqa: E402
 
