@@ -128,12 +128,36 @@ def location(value: Any, flag: str = "--output") -> Location:
         raise UsageError(flag, f"cannot open {text} ({first_line(exc)})") from None
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)
+    fs = patient_s3(fs)
     parts = urlsplit(text)
     bucket = path.startswith(parts.netloc)   # s3, gs: the path starts with the bucket's name
     if not path.strip("/") or (bucket and "/" not in path.strip("/")):
         raise UsageError(flag, f"{text} needs a folder inside the bucket (e.g. {text.rstrip('/')}/run)")
     prefix = f"{parts.scheme}://" + ("" if bucket else parts.netloc)
     return RemotePath(fs, path.rstrip("/"), prefix, parts.query)
+
+
+# The AWS SDK's defaults, which pyarrow keeps: a request fails once it has transferred nothing
+# for 3 seconds. A busy S3-compatible server (or node) stalls longer than that now and then,
+# and a checkpoint that fails to load or save stops a run; these wait longer.
+S3_TIMEOUTS = {"connect_timeout": 10.0, "request_timeout": 30.0}
+
+
+def patient_s3(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """An S3FileSystem like `fs` with the timeouts above where `fs` has the SDK's defaults;
+    any other filesystem unchanged. (The URI cannot carry timeouts: pyarrow refuses them
+    there. The options come from the filesystem's pickling state; should a pyarrow version
+    change it, `fs` is used as it is.)"""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    try:
+        options = dict(fs.__reduce__()[1][0])
+        for key, seconds in S3_TIMEOUTS.items():
+            if options.get(key, -1) < 0:
+                options[key] = seconds
+        return pafs.S3FileSystem(**options)
+    except Exception:  # noqa: BLE001
+        return fs
 
 
 def require_bucket(path: Location, flag: str) -> None:

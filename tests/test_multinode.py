@@ -14,7 +14,6 @@ import os
 import signal
 import time
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -30,6 +29,7 @@ from cohort.ray.actors import run_ray
 from cohort.runs import latest_checkpoint, read_checkpoint
 from cohort.runtime import run as run_job
 from cohort.runtime.local import run_cohort
+from cohort.storage import location
 from conftest import BUCKET, assert_states_equal, numbers_of, small, tiny_cohort
 
 NODE_CPUS = 2
@@ -82,7 +82,8 @@ def data(digits):
 
 # ---- reading what a run left (a local path or a URI) ---------------------------------------
 def _open(uri: str):
-    return pafs.FileSystem.from_uri(uri)
+    where = location(uri)   # the project's S3 filesystem, with its timeouts
+    return where.fs, where.path
 
 
 def read_json(uri: str) -> dict:

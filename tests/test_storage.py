@@ -100,6 +100,16 @@ def test_cli_refuses_a_bad_uri_with_exit_2_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_s3_requests_wait_longer_than_the_sdks_3_seconds(s3):
+    """A stall of a busy server longer than the AWS SDK's 3-second default must not fail a
+    checkpoint: the filesystem of an s3:// run has the longer timeouts, and Ray ships them."""
+    from cohort.storage import S3_TIMEOUTS
+    fs = location(uri("timeouts")).fs
+    for shipped in (fs, cloudpickle.loads(cloudpickle.dumps(fs))):
+        options = shipped.__reduce__()[1][0]
+        assert {k: options[k] for k in S3_TIMEOUTS} == S3_TIMEOUTS
+
+
 def test_a_missing_bucket_is_refused_before_anything_is_written(s3, capsys):
     code = main(["dml", "--output", "s3://no-such-bucket/runs/dml", "--runtime", "local",
                  "--dataset", "digits", "--epochs", "1", "--no-progress"])
