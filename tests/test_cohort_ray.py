@@ -56,16 +56,19 @@ def faulty_worker(kind: str, member: int, epoch: int, step: int, record: Path, t
     `times` times over all attempts (each failure leaves a file in `record`): `kill` SIGKILLs
     its own process mid-step (`kill-wiring`: while the cohort is wired, before training), `nan` /
     `inf` make its loss non-finite, `close` closes its
-    object-store channel (--exchange store) and `stall` never publishes that step's logits
-    (every member's exchange then times out after STALL_TIMEOUT seconds)."""
+    object-store channel (--exchange store), `stall` never publishes that step's logits
+    (every member's exchange then times out after STALL_TIMEOUT seconds) and `kill-slow` is
+    `kill` after which every restarted student takes SLOW_START seconds to start."""
     import threading
     import uuid
     from cohort.ray.actors import StudentWorker
 
     class FaultyWorker(StudentWorker):
         def __init__(self, *args, **kwargs):
+            if kind == "kill-slow" and any(record.iterdir()):
+                time.sleep(SLOW_START)   # a restart whose actors cannot start in time
             super().__init__(*args, **kwargs)
-            if self.student.index == member and kind in ("kill", "nan", "inf"):
+            if self.student.index == member and kind in ("kill", "kill-slow", "nan", "inf"):
                 self.student.learn = self._failing(self.student.learn)
 
         def connect(self, transport, wiring):
@@ -93,7 +96,7 @@ def faulty_worker(kind: str, member: int, epoch: int, step: int, record: Path, t
             def wrapped(loss, logits, labels, at_step):
                 if (self.student.epoch, at_step) == (epoch, step) and len(list(record.iterdir())) < times:
                     (record / f"{kind}-{os.getpid()}").touch()
-                    if kind == "kill":
+                    if kind in ("kill", "kill-slow"):
                         os.kill(os.getpid(), signal.SIGKILL)
                     loss.terms["ce"] = loss.terms["ce"] * float(kind)
                 return learn(loss, logits, labels, at_step)
@@ -244,6 +247,26 @@ def test_non_finite_loss_in_an_actor_names_the_member_and_keeps_the_checkpoint(t
     assert meta["epochs_completed"] == 1
     assert all(torch.isfinite(v).all() for v in states["student1"]["model"].values() if v.is_floating_point())
     assert {r["epoch"] for r in rows_of(tmp_path / "run")} == {0}
+
+
+SLOW_START = 120.0
+
+
+def test_a_restart_whose_students_do_not_start_fails_within_the_startup_timeout(tmp_path, data,
+                                                                               monkeypatch, capsys):
+    """A restart waits at most --startup-timeout for its students to start, not for ever: after
+    a lost node Ray may place a student in a bundle it then cannot keep, and it never starts.
+    Here the restarted students take SLOW_START s to start; the run stops after 3 s."""
+    record = tmp_path / "killed"
+    monkeypatch.setattr(ActorCohort, "worker_class", faulty_worker("kill-slow", 1, 1, 1, record))
+    cfg = tiny_cohort(tmp_path / "run", epochs=3, name="slowrestart", startup_timeout=3)
+    started = time.monotonic()
+    code = run_guarded(lambda: run_ray(cfg, data))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "could not reserve CPU 2" in err and "within 3s" in err, err
+    assert time.monotonic() - started < SLOW_START / 2
+    assert read_checkpoint(latest_checkpoint(tmp_path / "run"))[0]["epochs_completed"] == 1
 
 
 def test_a_member_that_keeps_dying_exhausts_max_restarts(tmp_path, data, monkeypatch, capsys):

@@ -34,12 +34,16 @@ def submit(*args, env, seconds: float = 90.0):
 
 
 def processes() -> dict[int, tuple[int, str]]:
-    """{pid: (session id, command line)} of this host's processes (Linux /proc)."""
+    """{pid: (session id, command line)} of this host's running processes (Linux /proc). A
+    zombie has ended, only its exit status waits to be reaped (by init, in a container that
+    may never do so, once a killed process's parent is gone): it is not listed."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             found[int(entry.name)] = (os.getsid(int(entry.name)), cmdline)
         except (OSError, ProcessLookupError):
@@ -89,14 +93,17 @@ class Head:
         return {pid: cmd for pid, (sid, cmd) in processes().items()
                 if sid == self.sid or self.temp_dir in cmd}
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the head's process group; whatever of its own session is left after
+        `grace` seconds is SIGKILLed (`ray start --block` stops its processes gracefully, but
+        takes about 33 s to exit here)."""
+        deadline = time.monotonic() + grace
         if self.proc.poll() is None:
-            os.killpg(self.sid, signal.SIGTERM)   # `ray start --block` stops its processes
+            os.killpg(self.sid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
-        deadline = time.monotonic() + timeout
         while self.own_processes() and time.monotonic() < deadline:
             time.sleep(0.5)
         for pid in self.own_processes():   # stragglers of its own session only

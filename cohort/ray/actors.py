@@ -28,7 +28,7 @@ from ..runtime.common import (cohort_rows, general_weights, prepare_run, restore
                               run_summary, should_checkpoint)
 from ..student import DataSpec, Student
 from .cluster import (Capacity, Request, bundle, capacity, connect, reserve, this_process_device,
-                      unit_resources, wait_for_group)
+                      reservation_timeout, unit_resources, wait_for_group)
 from .exchange import (CollectiveExchange, ExchangeFailed, RefsExchange, StepMismatch,
                        StoreExchange, resolve_exchange)
 from .telemetry import Telemetry
@@ -191,7 +191,8 @@ class ActorCohort:
     worker_class = StudentWorker   # the actor's class (tests inject faults with a subclass)
 
     def __init__(self, cfg: CohortConfig, data_ref, group, first_bundle: int, cpus: float,
-                 gpus: float, attempt: int):
+                 gpus: float, attempt: int, ready_by: float | None = None):
+        """`ready_by` (time.monotonic(); restarts): every actor must have started by then."""
         self.cfg = cfg
         self.names = cfg.member_names
         suffix = f"-r{attempt}" if attempt else ""
@@ -205,10 +206,23 @@ class ActorCohort:
             ).remote(k, arch, cfg.to_dict(), data_ref, int(max(1, cpus)))
             for k, arch in enumerate(cfg.archs)]
         try:
+            if ready_by is not None:
+                self._await_started(ready_by, student_request(cfg, cpus, gpus))
             self._wire(cfg.exchange)
         except BaseException:   # a member lost while starting: no actor outlives this attempt
             self.shutdown()
             raise
+
+    def _await_started(self, ready_by: float, request: Request) -> None:
+        """ResourceError unless every actor answers by `ready_by`. A restart right after a
+        lost node can find its placement group still ready (the GCS has not yet declared the
+        node dead) and start a student in a bundle Ray then cannot place again: that student
+        would wait for ever. (A dead actor answers at once; gather() reports it.)"""
+        calls = [actor.node.remote() for actor in self.actors]
+        left = max(0.0, ready_by - time.monotonic())
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=left)
+        if len(ready) < len(calls):
+            raise reservation_timeout(request, self.cfg.placement, self.cfg.startup_timeout)
 
     def _wire(self, exchange: str) -> None:
         if exchange == "collective":
@@ -316,9 +330,11 @@ def _start(cfg, run, data_ref, placement, attempt: int) -> tuple[ActorCohort, in
     continues from the last checkpoint. A restart first waits, at most --startup-timeout, for
     the group to hold every bundle again (a lost node's bundles are placed anew)."""
     group, _, cpus, gpus = placement
-    if attempt:
+    ready_by = None
+    if attempt:   # at most --startup-timeout for the bundles and then the actors in them
+        ready_by = time.monotonic() + cfg.startup_timeout
         wait_for_group(group, student_request(cfg, cpus, gpus), cfg.placement, cfg.startup_timeout)
-    cohort = ActorCohort(cfg, data_ref, *placement, attempt)
+    cohort = ActorCohort(cfg, data_ref, *placement, attempt, ready_by)
     try:
         epoch = _restore(cfg, run, cohort) if attempt or cfg.resume else 0
     except BaseException:

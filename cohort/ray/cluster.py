@@ -330,7 +330,12 @@ def wait_for_group(group, request: Request, strategy: str, timeout: float) -> No
     else ResourceError. After a lost node Ray re-places its bundles where the nodes left can
     hold them; an actor started in a bundle still pending would wait without a deadline."""
     if not group.wait(timeout_seconds=timeout):
-        raise ResourceError(_timeout_message(request, strategy, timeout, capacity()))
+        raise reservation_timeout(request, strategy, timeout)
+
+
+def reservation_timeout(request: Request, strategy: str, timeout: float) -> ResourceError:
+    """The one-line error of a request not placed within `timeout` seconds."""
+    return ResourceError(_timeout_message(request, strategy, timeout, capacity()))
 
 
 def _timeout_message(request: Request, strategy: str, timeout: float, cap: Capacity) -> str:
